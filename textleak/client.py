@@ -99,6 +99,7 @@ def _mask_tokens(
     tokenizer: PreTrainedTokenizerBase, original: torch.Tensor, seed: int, mlm_probability: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
+    collator.create_rng()  # the collator seeds lazily in __call__; we call its masking step directly
     special = torch.tensor(
         [tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in original.tolist()],
         dtype=torch.bool,
@@ -161,7 +162,7 @@ def simulate_client(
     )
     gradients = batch_gradients(target.model, batch)
     lengths = tuple(int(n) for n in batch.attention_mask.sum(1))
-    label_values = tuple(batch.labels.tolist())
+    label_values = tuple(tuple(row) if isinstance(row, list) else row for row in batch.labels.tolist())
     knowledge = Knowledge(
         lengths=lengths if "lengths" in reveal else None,
         labels=label_values if "labels" in reveal else None,

@@ -31,12 +31,18 @@ def head_for(task: str) -> str:
     return "classification" if check_task(task) == "classification" else "mlm"
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor | None = None) -> torch.Tensor:
+def task_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_mask: torch.Tensor | None = None,
+    normaliser: float | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy over labelled slots.
 
     Hard labels: an integer tensor shaped like ``logits`` without the class axis, -100 where ignored.
     Soft labels: a float tensor shaped like ``logits`` holding probabilities; ``label_mask`` (bool, without the
-    class axis) marks the slots that count, all of them when omitted.
+    class axis) marks the slots that count, all of them when omitted. Soft rows may sum to less than one (mass
+    left to "this slot is not labelled"); ``normaliser`` then replaces the slot count in the mean.
     """
     flat_logits = logits.reshape(-1, logits.shape[-1])
     if not labels.is_floating_point():
@@ -45,4 +51,5 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tens
     if label_mask is None:
         return per_slot.mean()
     weights = label_mask.reshape(-1).to(per_slot.dtype)
-    return (per_slot * weights).sum() / weights.sum().clamp_min(1.0)
+    count = weights.sum().clamp_min(1.0) if normaliser is None else normaliser
+    return (per_slot * weights).sum() / count

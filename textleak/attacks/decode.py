@@ -20,7 +20,8 @@ def allowed_tokens(
     """Boolean mask over the vocabulary of tokens that may fill a non-special position.
 
     [CLS], [SEP] and [PAD] are placed by the tokenizer's rules, never by the decoder; [MASK] only appears inside an
-    MLM input. ``candidates`` (from a side channel) restricts the choice further.
+    MLM input; reserved entries such as BERT's ``[unused17]`` never come out of the tokenizer. ``candidates`` (from
+    a side channel) restricts the choice further.
     """
     allowed = torch.ones(vocab_size, dtype=torch.bool)
     if candidates is not None:
@@ -34,6 +35,9 @@ def allowed_tokens(
         structural.append(tokenizer.mask_token_id)
     for token_id in structural:
         if token_id is not None and token_id < vocab_size:
+            allowed[token_id] = False
+    for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(vocab_size)))):
+        if token is not None and token.startswith("[unused"):
             allowed[token_id] = False
     if not allowed.any():
         raise ValueError("no token is left to decode into: the candidate set holds only special tokens")

@@ -42,3 +42,15 @@ def single_label(update: Update) -> int | None:
     if grad is None or int((grad < 0).sum()) != 1:
         return None
     return int(grad.argmin())
+
+
+def labelled_slot_count(update: Update) -> int | None:
+    """Estimate n, the number of labelled slots (e.g. masked tokens), from the output-bias gradient.
+
+    A label that occurs once contributes about ``-1/n`` (less the model's small probability for it), so the
+    smallest negative entry in magnitude gives n when at least one label is unique in the batch.
+    """
+    grad = output_bias_gradient(update)
+    if grad is None or not (grad < 0).any():
+        return None
+    return max(1, round(1.0 / float(grad[grad < 0].abs().min())))

@@ -17,7 +17,7 @@ import torch
 from textleak.attacks.base import Progress, Reconstruction, check_requirements
 from textleak.attacks.decode import METRICS, allowed_tokens, nearest_tokens
 from textleak.attacks.layout import LENGTH_MODES, Layout, resolve_lengths
-from textleak.attacks.leakage import label_bag, single_label
+from textleak.attacks.leakage import label_bag, labelled_slot_count, single_label
 from textleak.attacks.loop import LoopConfig, match_gradients
 from textleak.errors import CapabilityError
 from textleak.models import LoadedModel
@@ -112,6 +112,7 @@ class LabelPlan:
     hard: torch.Tensor | None
     classes: torch.Tensor | None
     source: str
+    slots: int | None = None  # mlm: estimated number of masked tokens (soft rows then include "not masked")
 
 
 class OptimizationAttack:
@@ -151,7 +152,7 @@ class OptimizationAttack:
             leaves = [torch.randn(batch, seq_len, table.shape[1], generator=generator) * scale]
             if plan.hard is None:
                 classes = model.config.num_labels if task == "classification" else table.shape[0]
-                width = classes if plan.classes is None else len(plan.classes)
+                width = (classes if plan.classes is None else len(plan.classes)) + (plan.slots is not None)
                 shape = (batch, width) if task == "classification" else (batch, seq_len, width)
                 leaves.append(torch.randn(*shape, generator=generator))
             return leaves
@@ -164,8 +165,8 @@ class OptimizationAttack:
             if plan.hard is not None:
                 loss = task_loss(logits, plan.hard)
             else:
-                soft, mask = self._soft_labels(leaves[1], plan.classes, layout, task, logits.shape[-1])
-                loss = task_loss(logits, soft, mask)
+                soft, mask = self._soft_labels(leaves[1], plan, layout, task, logits.shape[-1])
+                loss = task_loss(logits, soft, mask, plan.slots)
             return torch.autograd.grad(loss, matched, create_graph=True)
 
         result = match_gradients(
@@ -219,24 +220,28 @@ class OptimizationAttack:
                 return LabelPlan(torch.tensor([single]), None, "inferred")
             bag = label_bag(update)
             if bag:
-                return LabelPlan(None, torch.tensor(bag), "inferred")
+                slots = labelled_slot_count(update) if update.metadata.task == "mlm" else None
+                return LabelPlan(None, torch.tensor(bag), "inferred", slots)
             if mode == "inferred":
                 raise CapabilityError(f"attack {self.name!r}: labels cannot be inferred (no output-bias gradient)")
         return LabelPlan(None, None, "unknown")
 
     @staticmethod
     def _soft_labels(
-        logits: torch.Tensor, classes: torch.Tensor | None, layout: Layout, task: str, num_classes: int
+        logits: torch.Tensor, plan: LabelPlan, layout: Layout, task: str, num_classes: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Dummy label distributions (restricted to ``classes`` when given) and the slots that count.
+        """Dummy label distributions (restricted to ``plan.classes`` when given) and the slots that count.
 
         all-tokens: special positions are labelled with their own (known) token, free positions softly.
-        mlm: which positions were masked is unknown, so every free position gets a soft label (an approximation).
+        mlm: which positions were masked is unknown, so every free position gets a soft label; with an estimated
+        masked count, each row has an extra "not masked" entry whose mass is dropped.
         """
         probs = logits.softmax(-1)
-        if classes is not None:
+        if plan.slots is not None:
+            probs = probs[..., :-1]
+        if plan.classes is not None:
             full = torch.zeros(*probs.shape[:-1], num_classes, dtype=probs.dtype)
-            probs = full.scatter(-1, classes.expand(*probs.shape[:-1], len(classes)), probs)
+            probs = full.scatter(-1, plan.classes.expand(*probs.shape[:-1], len(plan.classes)), probs)
         if task == "classification":
             return probs, None
         if task == "mlm":

@@ -1,0 +1,272 @@
+"""The exact span-check attack (DAGER-style) on the first two encoder layers.
+
+1. The first layer's query/key/value weight gradients span the batch's first-layer inputs; every
+   (token, position, type) candidate is scored by its relative residual against that span (span_scoring).
+2. [SEP] candidates give the sentence lengths; padding contributes nothing to the gradient.
+3. For B > 1 the per-position candidates are assembled into sentences with the second layer's span
+   (span_assembly); for B = 1 the same check confirms the single answer.
+4. For mlm updates the masked-out labels are placed at the masked positions (mlm_labels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from textleak.attacks.base import Progress, Reconstruction, check_requirements
+from textleak.attacks.mlm_labels import recover_originals
+from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch, assemble
+from textleak.attacks.span_scoring import (
+    SpanBasis,
+    candidate_residuals,
+    embedding_parts,
+    qkv_gradient_names,
+    span_basis,
+    stacked_gradient,
+)
+from textleak.models import LoadedModel
+from textleak.update import Update
+
+#: A position whose best candidate has a relative residual above this holds no token that reached the gradient.
+DEAD = 1e-2
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpanConfig:
+    """Options of the span attack; None means an automatic choice from the update itself.
+
+    threshold: layer-1 relative residual below which a candidate passes (auto: the widest gap in the pooled
+    residuals above the worst position's best candidate). rank_tol: singular values kept, relative to the
+    largest (auto: the last 10x drop). accept: layer-2 residual below which a sentence is accepted (auto: 100x
+    a true token's typical layer-1 residual, within [1e-5, 1e-2]). max_candidates: tokens kept per position;
+    restarts: random restarts of the per-sentence search (seeded).
+    """
+
+    threshold: float | None = None
+    rank_tol: float | None = None
+    accept: float | None = None
+    max_candidates: int = 16
+    max_sweeps: int = 6
+    restarts: int = 8
+    seed: int = 0
+    chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "rank_tol", "accept"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise ValueError(f"{name} must be in (0, 1) or None, got {value!r}")
+        if self.restarts < 0:
+            raise ValueError(f"restarts must be >= 0, got {self.restarts!r}")
+        for name in ("max_candidates", "max_sweeps", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+def auto_threshold(best: torch.Tensor) -> float:
+    """Cut at the widest gap (log scale) of the pooled residuals that lie above every live position's best one.
+
+    ``best`` is (positions, keep), ascending per row. A position is live when its best candidate is below
+    ``DEAD``: it holds a token that reached the gradient (mlm sentences with nothing masked leave no trace).
+    The cut never goes below the worst live position's best candidate.
+    """
+    live = best[best[:, 0] < DEAD]
+    if len(live) == 0:
+        return float(best[:, 0].min()) / 2
+    floor = float(live[:, 0].max())
+    pooled = torch.log10(live.flatten().clamp_min(1e-300)).sort().values
+    pooled = pooled[pooled >= math.log10(max(floor, 1e-300))]
+    if len(pooled) < 2:
+        return min(DEAD, floor * 10)
+    gaps = pooled[1:] - pooled[:-1]
+    k = int(gaps.argmax())
+    return float(10 ** ((pooled[k] + pooled[k + 1]) / 2))
+
+
+def auto_accept(best: torch.Tensor) -> float:
+    """Second-layer acceptance: 100x the typical first-layer residual of a true token, within [1e-5, 1e-2]."""
+    live = best[best[:, 0] < DEAD, 0]
+    typical = float(live.median()) if len(live) else DEAD
+    return min(1e-2, max(1e-5, 100 * typical))
+
+
+class SpanAttack:
+    """Exact recovery from the first layers' weight gradients (span check, lengths, layer-2 assembly)."""
+
+    name: ClassVar[str] = "span"
+    requires: ClassVar[tuple[str, ...]] = ("first_layer_grads",)
+
+    def __init__(self, **options: Any) -> None:
+        self.config = SpanConfig(**options)
+
+    def reconstruct(self, update: Update, target: LoadedModel, *, progress: Progress | None = None) -> Reconstruction:
+        check_requirements(self.name, update, self.requires)
+        cfg, tok, model = self.config, target.tokenizer, target.model
+        meta = update.metadata
+        warnings: list[str] = []
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        span1 = span_basis(stacked_gradient(update, qkv_gradient_names(model, 0)), cfg.rank_tol)
+        warnings += _rank_warnings(span1, "first")
+        types = _token_types(update)
+        parts = embedding_parts(model)
+        res, ids = candidate_residuals(parts, span1, meta.seq_len, types, keep=cfg.max_candidates, chunk=cfg.chunk)
+        res, ids = res[:, 0], ids[:, 0]  # single-segment inputs: the first present token type
+        threshold = cfg.threshold if cfg.threshold is not None else auto_threshold(res)
+        timings["layer1"] = time.perf_counter() - clock
+        if progress:
+            progress(1, 3)
+
+        passing = [[int(t) for t, r in zip(ids[p], res[p], strict=True) if r <= threshold] for p in range(len(ids))]
+        if not any(passing[1:]):
+            warnings.append(f"no candidate passes the layer-1 threshold {threshold:.2e}; best candidates used")
+        sep, cls, pad = tok.sep_token_id, tok.cls_token_id, tok.pad_token_id
+        lengths = _lengths(passing, res, ids, sep)
+        if not any(sep in passing[p] for p in range(len(passing))):
+            warnings.append("no [SEP] candidate passes; assumed every sequence spans the padded length")
+
+        def options_for(length: int) -> list[list[int]]:
+            middle = []
+            for p in range(1, length - 1):
+                allowed = [t for t in passing[p] if t not in (sep, cls, pad)]
+                middle.append(allowed or [int(t) for t in ids[p] if int(t) not in (sep, cls, pad)][:1])
+            return [[cls], *middle, [sep]]
+
+        if span1.full:
+            return self._partial(update, target, ids, warnings, timings)
+        clock = time.perf_counter()
+        span2 = span_basis(stacked_gradient(update, qkv_gradient_names(model, 1)), cfg.rank_tol)
+        warnings += _rank_warnings(span2, "second")
+        if span2.rank < max(lengths):
+            warnings.append(
+                f"the second layer's span (rank {span2.rank}) is smaller than a sentence ({max(lengths)} tokens): "
+                f"it is probably the model's last layer, whose gradient follows only the [CLS] path; "
+                f"sentences cannot be confirmed"
+            )
+        accept = cfg.accept if cfg.accept is not None else auto_accept(res)
+        search = SentenceSearch(
+            FirstLayer(model), span2, accept=accept, max_sweeps=cfg.max_sweeps, restarts=cfg.restarts, seed=cfg.seed
+        )
+        accepted, rejected = assemble(search, lengths, options_for, meta.batch_size)
+        sentences = _complete(accepted, rejected, meta.batch_size, warnings)
+        timings["assembly"] = time.perf_counter() - clock
+        if progress:
+            progress(2, 3)
+
+        token_ids = [list(f.ids) for f in sentences]
+        details: dict[str, Any] = {
+            "rank_layer1": span1.rank,
+            "rank_gap_layer1": span1.gap,
+            "rank_layer2": span2.rank,
+            "threshold": threshold,
+            "accept": accept,
+            "lengths": [len(f.ids) for f in sentences],
+            "candidate_lengths": lengths,
+            "estimated_sequences": len(accepted),
+            "sentence_scores": [f.score for f in sentences],
+            "candidates": _candidate_table(ids, res, threshold),
+        }
+        if meta.task == "mlm":
+            clock = time.perf_counter()
+            distinct = [list(ids) for ids in dict.fromkeys(tuple(ids) for ids in token_ids)]  # repeats once
+            originals, label_details, label_warnings = recover_originals(update, target, distinct)
+            warnings += label_warnings
+            details.update(label_details, input_ids=token_ids, input_texts=_decode(tok, token_ids))
+            original_of = {tuple(i): o for i, o in zip(distinct, originals, strict=True)}
+            token_ids = [list(original_of[tuple(ids)]) for ids in token_ids]
+            timings["mlm_labels"] = time.perf_counter() - clock
+        if progress:
+            progress(3, 3)
+        return Reconstruction(
+            attack=self.name,
+            token_ids=token_ids,
+            texts=_decode(tok, token_ids),
+            timings=timings,
+            config=dataclasses.asdict(cfg),
+            warnings=warnings,
+            details=details,
+        )
+
+    def _partial(
+        self, update: Update, target: LoadedModel, ids: torch.Tensor, warnings: list[str], timings: dict[str, float]
+    ) -> Reconstruction:
+        """No usable span: one padded-length guess per sequence from the best candidate at each position."""
+        tok = target.tokenizer
+        plain = [[int(t) for t in row if int(t) not in tok.all_special_ids] for row in ids[1:-1]]
+        middle = [row[0] if row else tok.unk_token_id for row in plain]
+        guess = [tok.cls_token_id, *middle, tok.sep_token_id]
+        token_ids = [list(guess) for _ in range(update.metadata.batch_size)]
+        warnings.append("returned the best candidate per position as a partial answer; it is not a reconstruction")
+        return Reconstruction(
+            attack=self.name,
+            token_ids=token_ids,
+            texts=_decode(tok, token_ids),
+            timings=timings,
+            config=dataclasses.asdict(self.config),
+            warnings=warnings,
+            details={"partial": True, "lengths": [len(guess)] * len(token_ids), "estimated_sequences": None},
+        )
+
+
+def _candidate_table(ids: torch.Tensor, res: torch.Tensor, threshold: float) -> list[list[list[float]]]:
+    """Per position, [token id, layer-1 residual] of the passing candidates (the best one if none passes)."""
+    table = []
+    for row_ids, row_res in zip(ids.tolist(), res.tolist(), strict=True):
+        limit = max(threshold, row_res[0])
+        table.append([[t, r] for t, r in zip(row_ids, row_res, strict=True) if r <= limit])
+    return table
+
+
+def _decode(tokenizer: Any, token_ids: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+
+
+def _rank_warnings(span: SpanBasis, which: str) -> list[str]:
+    d = span.basis.shape[0]
+    if span.full:
+        return [
+            f"the {which} layer's gradient has full rank ({d}): the batch holds at least as many distinct tokens as "
+            f"the hidden size, so every candidate lies in the span and the result is not exact"
+        ]
+    if span.gap < 10:
+        return [f"the {which} layer's rank estimate ({span.rank}) is ambiguous: its spectral gap is {span.gap:.1f}x"]
+    return []
+
+
+def _token_types(update: Update) -> list[int]:
+    """Token types present in the batch (rows of the type-embedding gradient that are non-zero); [0] if unknown."""
+    for name, grad in update.gradients.items():
+        if name.endswith("token_type_embeddings.weight"):
+            present = grad.abs().sum(-1).nonzero().flatten().tolist()
+            return present or [0]
+    return [0]
+
+
+def _lengths(passing: list[list[int]], res: torch.Tensor, ids: torch.Tensor, sep: int) -> list[int]:
+    """Candidate sentence lengths: positions where [SEP] passes, most confident first; the padded length if none."""
+    found = []
+    for p, tokens in enumerate(passing):
+        if sep in tokens and p >= 1:
+            found.append((float(res[p][ids[p] == sep][0]), p + 1))
+    return [length for _, length in sorted(found)] or [len(passing)]
+
+
+def _complete(accepted: list[Found], rejected: list[Found], batch_size: int, warnings: list[str]) -> list[Found]:
+    """Accepted sentences topped up to the batch size: repeats of them, or the best rejected attempts if none."""
+    if len(accepted) >= batch_size:
+        return accepted[:batch_size]
+    if not accepted:
+        warnings.append("no sentence passed the second-layer check; returning the best partial answers")
+        pool = sorted(rejected, key=lambda f: f.score)
+        return [pool[i % len(pool)] for i in range(batch_size)]
+    warnings.append(
+        f"found {len(accepted)} distinct sentences for a batch of {batch_size}: the rest are taken to be repeats "
+        f"(the span cannot tell duplicates apart), or left no trace in the gradient (mlm: nothing masked in them)"
+    )
+    return accepted + [accepted[i % len(accepted)] for i in range(batch_size - len(accepted))]

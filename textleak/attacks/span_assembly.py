@@ -1,0 +1,193 @@
+"""Assemble per-position candidates into sentences with the second layer's span.
+
+Each sentence's first-layer outputs depend only on that sentence, and they are the inputs of the second layer, so a
+candidate sentence is right when all of its first-layer output rows lie in the second layer's input span. The
+search works one sentence (one length) at a time: coordinate descent over positions, each step scoring every
+candidate token of one position in a single batched forward pass, never the product of all candidate sets.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from textleak.attacks.span_scoring import SpanBasis, encoder_layers
+
+
+class FirstLayer:
+    """A float64 copy of the embeddings and first encoder layer: sentences -> second-layer input rows."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        base = getattr(model, "base_model", model)
+        self.embeddings = copy.deepcopy(base.embeddings).to(torch.float64).eval()
+        self.layer = copy.deepcopy(encoder_layers(model)[0]).to(torch.float64).eval()
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, token_type: int = 0) -> torch.Tensor:
+        """Hidden states (n, L, d) after the first layer for n unpadded sentences of equal length L."""
+        types = torch.full_like(ids, token_type)
+        hidden = self.embeddings(input_ids=ids, token_type_ids=types)
+        out = self.layer(hidden)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass(frozen=True)
+class Found:
+    """A sentence the search settled on and its second-layer score (worst row's relative residual)."""
+
+    ids: tuple[int, ...]
+    score: float
+
+
+class SentenceSearch:
+    """Coordinate search of sentences of a given length against the second layer's span."""
+
+    def __init__(
+        self,
+        first: FirstLayer,
+        span: SpanBasis,
+        *,
+        accept: float,
+        max_sweeps: int = 6,
+        restarts: int = 8,
+        seed: int = 0,
+        block: int = 256,
+        batch: int = 256,
+    ) -> None:
+        self.first, self.span, self.accept = first, span, accept
+        self.max_sweeps, self.restarts, self.block, self.batch = max_sweeps, restarts, block, batch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def score(self, sentences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sentence (n, L): the search objective and the worst row's relative residual.
+
+        The objective is the mean log residual over rows: a token fixes mostly its own row (the residual
+        connection), so a sum rewards each right token even while other rows are still wrong; the worst row,
+        used for acceptance, would not move.
+        """
+        objective, worst = [], []
+        for start in range(0, sentences.shape[0], self.batch):
+            rows = self.span.residual(self.first(sentences[start : start + self.batch]))
+            objective.append(torch.log10(rows.clamp_min(1e-300)).mean(dim=-1))
+            worst.append(rows.amax(dim=-1))
+        return torch.cat(objective), torch.cat(worst)
+
+    def search(self, start: list[int], options: list[list[int]], avoid: set[tuple[int, ...]] = frozenset()) -> Found:
+        """Coordinate descent from ``start`` and one joint repair of its worst rows, then alternately from random
+        starts and from the best sentence so far with 2-4 positions redrawn (iterated local search), until a
+        sentence scores below ``accept``."""
+        best = self.repair(self.descend(start, options, avoid), options, avoid)
+        free = [p for p, tokens in enumerate(options) if len(tokens) > 1]
+        for attempt in range(self.restarts):
+            if best.score <= self.accept or not free:
+                break
+            kicked = list(best.ids)
+            count = len(free) if attempt % 2 else 2 + attempt % 3  # alternate fresh starts and small kicks
+            for k in torch.randperm(len(free), generator=self.generator)[:count].tolist():
+                tokens = options[free[k]]
+                kicked[free[k]] = tokens[int(torch.randint(len(tokens), (1,), generator=self.generator))]
+            best = min(best, self.descend(kicked, options, avoid), key=lambda f: f.score)
+        return best
+
+    def repair(self, found: Found, options: list[list[int]], avoid: set[tuple[int, ...]]) -> Found:
+        """Try every combination of options at the worst rows' positions (at most ``block`` sentences).
+
+        One wrong token lifts every row's residual (attention mixes the sentence) but its own row the most, so
+        the worst rows point at the wrong positions; jointly re-choosing them escapes what one-token moves cannot.
+        """
+        if found.score <= self.accept:
+            return found
+        rows = self.span.residual(self.first(torch.tensor([found.ids])))[0]
+        chosen: list[int] = []
+        size = 1
+        for p in rows.argsort(descending=True).tolist():
+            if len(options[p]) > 1 and size * len(options[p]) <= self.block:
+                chosen.append(p)
+                size *= len(options[p])
+        if len(chosen) < 2:
+            return found
+        variants = torch.tensor([list(found.ids)] * size)
+        variants[:, chosen] = torch.tensor(list(itertools.product(*(options[p] for p in chosen))))
+        objective, worst = self._scores(variants, avoid)
+        k = int(worst.argmin())
+        if float(worst[k]) >= found.score:
+            return found
+        return self.descend(variants[k].tolist(), options, avoid)
+
+    def descend(self, start: list[int], options: list[list[int]], avoid: set[tuple[int, ...]]) -> Found:
+        """Coordinate descent from ``start``: at each position with options, keep the best-scoring token.
+
+        ``options[p]`` lists the tokens allowed at position p (empty: the position is fixed). Sentences in
+        ``avoid`` (already found) score as infinitely bad, so the search moves on to a different sentence.
+        """
+        current = list(start)
+        best, worst = (float(v[0]) for v in self._scores(torch.tensor([current]), avoid))
+        for _ in range(self.max_sweeps):
+            changed = False
+            for p, tokens in enumerate(options):
+                if len(tokens) < 2:
+                    continue
+                variants = torch.tensor([current] * len(tokens))
+                variants[:, p] = torch.tensor(tokens)
+                objective, rows_worst = self._scores(variants, avoid)
+                k = int(objective.argmin())
+                if float(objective[k]) < best and tokens[k] != current[p]:
+                    current[p], best, worst, changed = tokens[k], float(objective[k]), float(rows_worst[k]), True
+            if not changed:
+                break
+        return Found(tuple(current), worst)
+
+    def _scores(self, variants: torch.Tensor, avoid: set[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        objective, worst = self.score(variants)
+        for i, row in enumerate(variants.tolist()):
+            if tuple(row) in avoid:
+                objective[i] = worst[i] = float("inf")
+        return objective, worst
+
+
+def assemble(
+    search: SentenceSearch,
+    lengths: list[int],
+    options_for: Callable[[int], list[list[int]]],
+    batch_size: int,
+) -> tuple[list[Found], list[Found]]:
+    """Find up to ``batch_size`` sentences over the candidate ``lengths`` (best first).
+
+    ``options_for(length)`` gives the allowed tokens per position (the first option is the layer-1 favourite,
+    fixed positions have one option). Returns (accepted sentences, best rejected attempts).
+    """
+    accepted: list[Found] = []
+    rejected: list[Found] = []
+    found: set[tuple[int, ...]] = set()
+    pending = list(lengths)
+    progress = True
+    while len(accepted) < batch_size and progress:
+        progress = False
+        for length in list(pending):
+            if len(accepted) >= batch_size:
+                break
+            options = options_for(length)
+            start = _start_avoiding(options, [f.ids for f in accepted])
+            result = search.search(start, options, avoid=found)
+            if result.score <= search.accept:
+                accepted.append(result)
+                found.add(result.ids)
+                progress = True
+            else:
+                rejected.append(result)
+                pending.remove(length)
+    return accepted, rejected
+
+
+def _start_avoiding(options: list[list[int]], taken: list[tuple[int, ...]]) -> list[int]:
+    """Layer-1 favourites, preferring at each position a token no found sentence uses there."""
+    start = []
+    for p, tokens in enumerate(options):
+        used = {ids[p] for ids in taken if p < len(ids)}
+        fresh = [t for t in tokens if t not in used]
+        start.append((fresh or tokens)[0])
+    return start
