@@ -70,16 +70,21 @@ def test_batches_from_a_file_and_classification(tmp_path: Path, capsys):
         "2",
         "--json",
         str(tmp_path / "o.json"),
+        "--defense",
+        "prune:ratio=0.5",
     ]
     assert main(argv) == 0
     result = json.loads((tmp_path / "o.json").read_text())
     assert [b["update"]["metadata"]["batch_size"] for b in result["batches"]] == [2, 1]
+    assert result["batches"][0]["update"]["metadata"]["defenses"][0] == {"name": "prune", "ratio": 0.5}
     assert result["batches"][0]["truth"]["labels"] == [1, 0]
 
 
 def test_errors_are_reported_clearly(tmp_path: Path, capsys):
     assert main(["attack", *TINY, "--text", "x", "--attack", "nope"]) == 2
     assert "unknown attack 'nope'" in capsys.readouterr().err
+    assert main(["attack", *TINY, "--text", "x", "--defense", "prune:ratio=2"]) == 2
+    assert "option ratio must be in [0.0, 1.0], got 2.0" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     assert main(["attack", *TINY, "--file", str(empty)]) == 2

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from textleak.attacks import ATTACKS, get_attack
 from textleak.attacks.base import Progress
 from textleak.data import batches, read_sentences, sample_sentences
+from textleak.defenses import DEFENSES, as_defenses
 from textleak.errors import TextleakError
 from textleak.experiment import BatchResult, attack_sentences, attack_update
 from textleak.models import load_model, load_source
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--batch-size", type=int, default=1)
     source.add_argument("--labels", type=lambda s: [int(x) for x in s.split(",")], help="classification labels")
     source.add_argument("--reveal", type=_csv, default=("lengths",), help="what the attacker knows: lengths,labels")
+    source.add_argument(
+        "--defense",
+        action="append",
+        default=[],
+        help=f"defense spec applied by the client, in order (repeatable), e.g. prune:ratio=0.9; one of: "
+        f"{', '.join(sorted(DEFENSES))}",
+    )
     source.add_argument("--update", type=Path, help="attack this saved update file instead of simulating a client")
     source.add_argument("--save-update", type=Path, help="save each simulated update (safetensors + JSON header)")
     how = attack.add_argument_group("the attack")
@@ -105,6 +113,7 @@ def run_attack(args: argparse.Namespace) -> int:
     if args.iterations is not None:
         options["iterations"] = args.iterations
     attack = get_attack(args.attack, **options)
+    as_defenses(args.defense)  # refuse a bad spec before any model is loaded
     progress_bars = not args.no_progress
     results: list[BatchResult] = []
     if args.update is not None:
@@ -133,6 +142,7 @@ def run_attack(args: argparse.Namespace) -> int:
                 seed=args.seed + index,
                 labels=labels,
                 reveal=args.reveal,
+                defenses=args.defense,
                 save_update=save,
                 progress=_bar(progress_bars, f"batch {index}"),
             )

@@ -11,7 +11,8 @@ from typing import Any
 
 from textleak.attacks import Attack, Reconstruction
 from textleak.attacks.base import Progress
-from textleak.client import GroundTruth, simulate_client
+from textleak.client import GroundTruth
+from textleak.defenses.client import defended_client
 from textleak.metrics import BatchScores, score_batch
 from textleak.models import LoadedModel
 from textleak.update import Update
@@ -66,12 +67,15 @@ def attack_sentences(
     seed: int = 0,
     labels: Sequence[int] | None = None,
     reveal: Sequence[str] = ("lengths",),
+    defenses: Sequence[str] = (),
     save_update: str | Path | None = None,
     progress: Progress | None = None,
 ) -> BatchResult:
-    """Simulate the client on ``sentences``, optionally save its update, attack it and score the result."""
+    """Simulate the (defended) client on ``sentences``, optionally save its update, attack it, score the result."""
     start = time.perf_counter()
-    update, truth = simulate_client(target, sentences, task=task, labels=labels, seed=seed, reveal=reveal)
+    update, truth = defended_client(
+        target, sentences, task=task, labels=labels, seed=seed, reveal=reveal, defenses=defenses
+    )
     client_seconds = time.perf_counter() - start
     if save_update is not None:
         update.save(save_update)

@@ -1,0 +1,263 @@
+"""Defense sweep: for each defense and strength, attack defended updates and record recovery next to utility.
+
+Threat model per batch: the client trains on B consecutive CoLA dev sentences and sends its update through the
+defense; the attacker runs each chosen attack on what arrives (a FedAvg delta is read as the average gradient it
+implies, ``-delta / (lr * steps)``, as an attacker would); the evaluator scores the answer against the private
+batch. Beside recovery it records the cosine similarity of the defended update to the clean one and, with
+``--fine-tune-steps``, the CoLA accuracy a short fine-tuning run reaches under the defense.
+
+Every result is appended to ``OUT/results.jsonl`` as it comes (a crash loses nothing; a rerun skips what is
+there), then ``OUT/table.md`` and ``OUT/recovery.png`` are rendered from all rows.
+
+    python scripts/sweep_defenses.py --model default --batch-sizes 1 4 --sentences 20 --attacks cosine tag
+    python scripts/sweep_defenses.py --quick --task all-tokens --sentences 2 --iterations 150  # minutes, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from textleak.attacks import get_attack
+from textleak.data import read_cola
+from textleak.defenses.client import defended_client
+from textleak.defenses.utility import COLA_DEV, as_gradient, fine_tune, gradient_fidelity
+from textleak.errors import CapabilityError
+from textleak.metrics import score_batch
+from textleak.models import load_model
+from textleak.tasks import head_for
+
+#: family -> [(strength shown on the plot, defense specs)]; the issue's benchmark grid.
+GRID: dict[str, list[tuple[float, list[str]]]] = {
+    "noise": [(s, [f"noise:sigma={s}"]) for s in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)],
+    "prune": [(r, [f"prune:ratio={r}"]) for r in (0.2, 0.5, 0.9, 0.99)],
+    "quantize": [(16, ["quantize:dtype=fp16"]), (8, ["quantize:dtype=int8"])],
+    "dpsgd": [(s, [f"dpsgd:sigma={s},clip=1.0"]) for s in (0.01, 0.1, 1.0)],
+    "fedavg": [(k, [f"fedavg:steps={k},lr=0.01"]) for k in (1, 4, 16)],
+    "mask": [(r, [f"mask:ratio={r}"]) for r in (0.2, 0.5, 0.9)],
+    # strength 0: word embeddings frozen; k >= 1: every embedding and the first k blocks
+    "freeze": [(0, ["freeze"])] + [(k, [f"freeze:patterns=embeddings,first_layers={k}"]) for k in (1,)],
+    # clients sharing the batch; a batch smaller than the number of clients is skipped
+    "secure-aggregation": [(m, [f"secure-aggregation:clients={m}"]) for m in (2, 4)],
+}
+QUICK_GRID: dict[str, list[tuple[float, list[str]]]] = {
+    "noise": [(s, [f"noise:sigma={s}"]) for s in (1e-4, 1e-3, 1e-2)],
+    "prune": [(r, [f"prune:ratio={r}"]) for r in (0.5, 0.9, 0.99)],
+    "quantize": GRID["quantize"],
+    "dpsgd": [(s, [f"dpsgd:sigma={s},clip=1.0"]) for s in (0.01, 1.0)],
+    "fedavg": [(4, ["fedavg:steps=4,lr=0.01"])],
+    "mask": [(0.5, ["mask:ratio=0.5"])],
+    "freeze": GRID["freeze"],
+    "secure-aggregation": [(2, ["secure-aggregation:clients=2"])],
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="random:bert-tiny", help="model spec (default: random:bert-tiny)")
+    parser.add_argument("--task", default="classification", choices=("mlm", "all-tokens", "classification"))
+    parser.add_argument("--attacks", nargs="+", default=["cosine"])
+    parser.add_argument("--iterations", type=int, default=None, help="attack iterations (default: the attack's)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
+    parser.add_argument("--sentences", type=int, default=4, help="CoLA dev sentences per batch size")
+    parser.add_argument("--families", nargs="+", default=None, help=f"subset of {sorted(GRID)}")
+    parser.add_argument("--fine-tune-steps", type=int, default=0, help="utility run length per defense (0: none)")
+    parser.add_argument("--quick", action="store_true", help="fewer strengths per family")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("results/defense_sweep"))
+    return parser.parse_args()
+
+
+KEY_FIELDS = ("kind", "model", "task", "family", "strength", "attack", "batch_size", "batch_index")
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a result: a rerun skips every row whose key is already in the file."""
+    return tuple(row.get(name) for name in KEY_FIELDS)
+
+
+def load_rows(path: Path) -> list[dict]:
+    """Rows written so far; a line cut by a crash is dropped (its batch runs again)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+
+
+def attack_row(target, task, attack_name, iterations, sentences, labels, specs, seed, reveal) -> dict:
+    """Attack one defended batch; recovery scores, the update's fidelity to the clean one, and timings."""
+    update, truth = defended_client(
+        target, sentences, task=task, labels=labels, defenses=specs, seed=seed, reveal=reveal
+    )
+    clean, _ = defended_client(target, sentences, task=task, labels=labels, seed=seed, reveal=reveal)
+    fidelity = gradient_fidelity(clean.gradients, as_gradient(update))
+    attacked = update
+    if update.metadata.kind == "delta":  # the attacker reads a FedAvg delta as the gradient it implies
+        attacked = update.with_gradients(as_gradient(update), kind="gradient", local_hyperparams=None)
+    options = {} if iterations is None else {"iterations": iterations}
+    start = time.perf_counter()
+    try:
+        reconstruction = get_attack(attack_name, **options).reconstruct(attacked, target)
+    except CapabilityError as error:
+        return {"error": str(error), "fidelity": fidelity}
+    refs = [list(ids) for ids in truth.original_ids]
+    scores = score_batch(reconstruction.token_ids, refs, target.tokenizer).without_special
+    return {
+        "rouge1": scores["rouge1"],
+        "rouge2": scores["rouge2"],
+        "exact_match": scores["exact_match"],
+        "token_accuracy": scores["token_accuracy"],
+        "fidelity": fidelity,
+        "attack_seconds": time.perf_counter() - start,
+        "texts": reconstruction.texts,
+        "references": list(truth.sentences),
+        "records": list(update.metadata.defenses),
+    }
+
+
+def run(args: argparse.Namespace) -> Path:
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    done = {row_key(r) for r in load_rows(results)}
+    grid = QUICK_GRID if args.quick else GRID
+    families = args.families or list(grid)
+    unknown = sorted(set(families) - set(grid))
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}; known: {sorted(grid)}")
+    configs = [("none", 0.0, [])] + [(f, s, specs) for f in families for s, specs in grid[f]]
+    sentences, labels = read_cola(COLA_DEV)
+    target = load_model(args.model, head=head_for(args.task), seed=args.seed)
+    reveal = ("lengths", "labels") if args.task == "classification" else ("lengths",)
+    base = {"model": args.model, "task": args.task}
+    for family, strength, specs in configs:
+        head = {**base, "family": family, "strength": strength, "specs": specs}
+        if args.fine_tune_steps and (key := row_key({**head, "kind": "utility"})) not in done:
+            result = fine_tune(args.model, defenses=specs, steps=args.fine_tune_steps, seed=args.seed).to_dict()
+            result.pop("losses")
+            append_row(results, {**head, "kind": "utility", **result})
+            done.add(key)
+            print(f"utility {family} {strength}: accuracy {result['eval_accuracy']:.3f}", flush=True)
+        for batch_size in args.batch_sizes:
+            if family == "secure-aggregation" and batch_size < strength:
+                continue
+            for index in range(args.sentences // batch_size):
+                part = slice(index * batch_size, (index + 1) * batch_size)
+                for attack in args.attacks:
+                    row = {**head, "kind": "attack", "attack": attack, "batch_size": batch_size, "batch_index": index}
+                    if row_key(row) in done:
+                        continue
+                    batch = (sentences[part], labels[part], specs, args.seed + index, reveal)
+                    row.update(attack_row(target, args.task, attack, args.iterations, *batch))
+                    append_row(results, row)
+                    done.add(row_key(row))
+                    recovered = row.get("rouge1", float("nan"))
+                    print(f"{family} {strength} {attack} B={batch_size} #{index}: rouge1 {recovered:.3f}", flush=True)
+    return results
+
+
+def summarise(rows: list[dict]) -> dict[tuple, dict[str, float]]:
+    """Mean recovery and fidelity per (family, strength, attack, batch size), with the utility run beside it."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    utility = {(r["family"], r["strength"]): r for r in rows if r["kind"] == "utility"}
+    for row in rows:
+        if row["kind"] == "attack" and "rouge1" in row:
+            groups[(row["family"], row["strength"], row["attack"], row["batch_size"])].append(row)
+    summary = {}
+    for key, members in sorted(groups.items(), key=lambda item: (item[0][0] != "none", *map(str, item[0]))):
+        entry = {m: statistics.mean(r[m] for r in members) for m in ("rouge1", "rouge2", "exact_match")}
+        entry["cosine"] = statistics.mean(r["fidelity"]["cosine"] for r in members)
+        entry["batches"] = len(members)
+        if (key[0], key[1]) in utility:
+            entry["accuracy"] = utility[(key[0], key[1])]["eval_accuracy"]
+        summary[key] = entry
+    return summary
+
+
+def render_table(summary: dict[tuple, dict[str, float]]) -> str:
+    lines = [
+        "| defense | strength | attack | B | ROUGE-1 | ROUGE-2 | exact | grad cosine | fine-tune acc | batches |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (family, strength, attack, batch_size), e in summary.items():
+        accuracy = f"{e['accuracy']:.3f}" if "accuracy" in e else "-"
+        lines.append(
+            f"| {family} | {strength:g} | {attack} | {batch_size} | {100 * e['rouge1']:.1f} | {100 * e['rouge2']:.1f}"
+            f" | {100 * e['exact_match']:.1f} | {e['cosine']:.4f} | {accuracy} | {e['batches']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(summary: dict[tuple, dict[str, float]], path: Path) -> bool:
+    """ROUGE-1 (solid; dotted: no defense) and gradient cosine (dashed) versus strength, one panel per family.
+
+    Returns False when matplotlib is not installed or there is nothing to draw.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    families = sorted({key[0] for key in summary if key[0] != "none"})
+    if not families:
+        return False
+    figure, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.5), squeeze=False)
+    for axis, family in zip(axes[0], families, strict=True):
+        series: dict[tuple, list[tuple[float, dict]]] = defaultdict(list)
+        for (fam, strength, attack, batch_size), entry in summary.items():
+            if fam == family:
+                series[(attack, batch_size)].append((strength, entry))
+        for (attack, batch_size), points in sorted(series.items()):
+            points.sort(key=lambda p: p[0])
+            xs = [p[0] for p in points]
+            line = axis.plot(xs, [p[1]["rouge1"] for p in points], marker="o", label=f"{attack} B={batch_size}")
+            axis.plot(xs, [p[1]["cosine"] for p in points], linestyle="--", color=line[0].get_color())
+            clean = summary.get(("none", 0.0, attack, batch_size))
+            if clean is not None:
+                axis.axhline(clean["rouge1"], linestyle=":", color=line[0].get_color())
+        if family in ("noise", "dpsgd"):
+            axis.set_xscale("log")
+        axis.set_title(family)
+        axis.set_xlabel("strength")
+        axis.set_ylim(-0.05, 1.05)
+        axis.legend(fontsize=7)
+    axes[0][0].set_ylabel("ROUGE-1 (solid), grad cosine (dashed)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    summary = summarise(load_rows(run(args)))
+    table = render_table(summary)
+    (args.out / "table.md").write_text(table, encoding="utf-8")
+    print(table)
+    if render_plot(summary, args.out / "recovery.png"):
+        print(f"plot: {args.out / 'recovery.png'}")
+    else:
+        print("no plot: matplotlib is not installed (pip install matplotlib)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The span-check attack: exact recovery on tiny random BERTs, the vectorised scorer against a slow loop, limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from textleak.attacks.span import SpanAttack, auto_threshold
+from textleak.attacks.span_scoring import (
+    EmbeddingParts,
+    candidate_residuals,
+    embedding_parts,
+    first_layer_inputs,
+    qkv_gradient_names,
+    span_basis,
+    stacked_gradient,
+)
+from textleak.client import simulate_client
+from textleak.errors import CapabilityError
+from textleak.models import load_model
+
+SENTENCES = ["the cat sat on the mat.", "a very good movie indeed, i liked it"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine's two cores are shared: more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Loaded once: bert-tiny (2 layers) for all-tokens, bert-mini (4 layers) where layer 2 must not be the last."""
+    return {
+        ("random:bert-tiny", "mlm"): load_model("random:bert-tiny", head="mlm"),
+        ("random:bert-mini", "mlm"): load_model("random:bert-mini", head="mlm"),
+        ("random:bert-mini", "classification"): load_model("random:bert-mini", head="classification"),
+    }
+
+
+def _sorted(batch):
+    return sorted(tuple(ids) for ids in batch)
+
+
+def _client(target, sentences, task):
+    """An update in which every sentence has a labelled slot (an mlm sentence with nothing masked leaves no trace).
+
+    The client's mlm masking is drawn again on every call, so the test asserts on whatever it drew.
+    """
+    for seed in range(20):
+        update, truth = simulate_client(target, sentences, task=task, seed=seed, reveal=())
+        if task != "mlm" or all(any(label != -100 for label in row) for row in truth.labels):
+            return update, truth
+    raise AssertionError("no draw masked every sentence")
+
+
+@pytest.mark.parametrize(
+    ("spec", "task"),
+    [("random:bert-tiny", "all-tokens"), ("random:bert-mini", "classification"), ("random:bert-mini", "mlm")],
+)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_exact_recovery_without_known_lengths(models, spec, task, batch):
+    target = models[(spec, "classification" if task == "classification" else "mlm")]
+    update, truth = _client(target, SENTENCES[:batch], task)
+    assert update.metadata.knowledge.lengths is None
+    result = SpanAttack().reconstruct(update, target)
+    assert _sorted(result.token_ids) == _sorted(truth.original_ids)
+    assert result.warnings == []
+    assert sorted(result.details["lengths"]) == sorted(len(ids) for ids in truth.input_ids)
+    assert result.details["estimated_sequences"] == batch
+    if task == "mlm":
+        assert _sorted(result.details["input_ids"]) == _sorted(truth.input_ids)
+        assert sorted(result.texts) == sorted(truth.sentences)
+
+
+def test_vectorised_scorer_matches_slow_loop(models):
+    """Every (token, position) residual of a 300-word vocabulary equals the per-candidate projection."""
+    target = models[("random:bert-tiny", "mlm")]
+    update, truth = simulate_client(target, SENTENCES[:1], task="all-tokens", seed=0)
+    span = span_basis(stacked_gradient(update, qkv_gradient_names(target.model, 0)))
+    full = embedding_parts(target.model)
+    vocab = sorted(set(range(1000, 1300)) | set(truth.input_ids[0]))
+    parts = EmbeddingParts(full.word[vocab], full.position, full.token_type, full.gamma, full.beta, full.eps)
+    positions = update.metadata.seq_len
+    fast, ids = candidate_residuals(parts, span, positions, [0, 1], keep=len(vocab), chunk=97)
+    for p in range(positions):
+        for k, kind in enumerate([0, 1]):
+            slow = torch.stack(
+                [
+                    span.residual(first_layer_inputs(parts, *(torch.tensor([v]) for v in (w, p, kind))))[0]
+                    for w in range(len(vocab))
+                ]
+            )
+            order = ids[p, k]
+            assert torch.allclose(fast[p, k], slow[order], rtol=1e-6, atol=1e-9)
+    # the true token is the best candidate at every position, with type 0
+    best = [vocab[int(i)] for i in ids[:, 0, 0]]
+    assert best == list(truth.input_ids[0])
+
+
+def test_duplicate_sentences_are_flagged_and_returned(models):
+    target = models[("random:bert-tiny", "mlm")]
+    update, truth = simulate_client(target, [SENTENCES[0]] * 2, task="all-tokens", seed=0, reveal=())
+    result = SpanAttack().reconstruct(update, target)
+    assert _sorted(result.token_ids) == _sorted(truth.original_ids)
+    assert any("duplicates" in w for w in result.warnings)
+
+
+def test_too_many_tokens_is_flagged_with_a_partial_answer(models):
+    """bert-tiny has d=128; four sentences of 38 distinct words fill the span, so nothing can be exact."""
+    target = models[("random:bert-tiny", "mlm")]
+    words = [w for w in target.tokenizer.convert_ids_to_tokens(list(range(2000, 2400))) if w.isalpha()]
+    sentences = [" ".join(words[38 * i : 38 * (i + 1)]) for i in range(4)]
+    update, _ = simulate_client(target, sentences, task="all-tokens", seed=0)
+    result = SpanAttack().reconstruct(update, target)
+    assert any("full rank" in w for w in result.warnings)
+    assert result.details["partial"] is True
+    assert len(result.token_ids) == 4
+
+
+def test_options_are_validated():
+    with pytest.raises(TypeError):
+        SpanAttack(no_such_option=1)
+    with pytest.raises(ValueError, match="threshold"):
+        SpanAttack(threshold=2.0)
+    with pytest.raises(ValueError, match="max_candidates"):
+        SpanAttack(max_candidates=0)
+
+
+def test_update_without_first_layer_is_refused(models):
+    target = models[("random:bert-tiny", "mlm")]
+    update, _ = simulate_client(target, SENTENCES[:1], task="all-tokens", seed=0)
+    kept = {n: g for n, g in update.gradients.items() if ".layer.0.attention" not in n}
+    with pytest.raises(CapabilityError, match="first attention layer"):
+        SpanAttack().reconstruct(update.with_gradients(kept), target)
+
+
+def test_auto_threshold_cuts_at_the_gap_above_live_positions():
+    best = torch.tensor([[1e-7, 1e-6, 0.3], [2e-7, 0.2, 0.4], [0.6, 0.7, 0.8]])  # last position: no live token
+    threshold = auto_threshold(best)
+    assert 1e-6 < threshold < 0.2
+
+
+def test_classification_on_a_two_layer_model_says_the_second_layer_cannot_confirm():
+    """bert-tiny's second layer is its last: for classification its gradient follows only the [CLS] path."""
+    target = load_model("random:bert-tiny", head="classification")
+    update, _ = simulate_client(target, SENTENCES, task="classification", seed=0, reveal=())
+    result = SpanAttack(restarts=0).reconstruct(update, target)
+    assert any("second layer's span" in w for w in result.warnings)
+    assert len(result.token_ids) == 2
