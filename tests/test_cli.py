@@ -101,3 +101,14 @@ def test_module_entry_point_and_sample_sentences():
     ).stdout
     assert "--save-update" in help_text and "--attack" in help_text
     assert len(sample_sentences()) >= 5
+
+
+def test_default_main_job_recovers_the_sample_sentences_exactly(tmp_path: Path, capsys):
+    """`textleak` with no attack options: packaged MiniLM, MLM client, span attack, our sample sentences."""
+    out = tmp_path / "default.json"
+    assert main(["--limit", "2", "--no-progress", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["attack"] == "span" and result["config"]["task"] == "mlm"
+    assert [b["truth"]["sentences"][0] for b in result["batches"]] == sample_sentences()[:2]
+    assert all(b["scores"]["without_special"]["exact_match"] == 1.0 for b in result["batches"])
+    assert "my password is blue river seven." in capsys.readouterr().out

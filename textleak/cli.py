@@ -25,8 +25,8 @@ from textleak.report import metrics_table, side_by_side
 from textleak.tasks import TASKS, head_for
 from textleak.update import Update
 
-DEFAULT_ATTACK = "cosine"
-DEFAULT_TASK = "all-tokens"
+DEFAULT_ATTACK = "span"
+DEFAULT_TASK = "mlm"
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -144,7 +144,7 @@ def run_attack(args: argparse.Namespace) -> int:
                 reveal=args.reveal,
                 defenses=args.defense,
                 save_update=save,
-                progress=_bar(progress_bars, f"batch {index}"),
+                progress=_bar(progress_bars and len(groups) == 1, f"batch {index}"),
             )
             results.append(result)
             _print_result(index, result)

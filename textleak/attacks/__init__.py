@@ -6,11 +6,13 @@ from typing import Any
 
 from textleak.attacks.base import Attack, Reconstruction
 from textleak.attacks.optimization import DLG, TAG, CosineAttack
+from textleak.attacks.span import SpanAttack
 from textleak.errors import unknown_name
 
 ATTACKS: dict[str, type] = {
     "cosine": CosineAttack,
     "dlg": DLG,
+    "span": SpanAttack,
     "tag": TAG,
 }
 

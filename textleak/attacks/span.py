@@ -106,6 +106,12 @@ class SpanAttack:
 
     def reconstruct(self, update: Update, target: LoadedModel, *, progress: Progress | None = None) -> Reconstruction:
         check_requirements(self.name, update, self.requires)
+        start = time.perf_counter()
+        result = self._reconstruct(update, target, progress)
+        result.timings["total_s"] = time.perf_counter() - start
+        return result
+
+    def _reconstruct(self, update: Update, target: LoadedModel, progress: Progress | None) -> Reconstruction:
         cfg, tok, model = self.config, target.tokenizer, target.model
         meta = update.metadata
         warnings: list[str] = []
