@@ -103,7 +103,7 @@ def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "options": {"iterations": args.dlg_iterations[0]},
             }
         )
-    return rows
+    return [row for row in rows if row["runs"] > 0]
 
 
 def run_setting(setting: dict[str, Any], args: argparse.Namespace, grid_dir: Path) -> dict[str, Any]:
@@ -159,6 +159,16 @@ def run_setting(setting: dict[str, Any], args: argparse.Namespace, grid_dir: Pat
     }
 
 
+def reduced(args: argparse.Namespace) -> str:
+    """What this run cut from the issue's and the papers' budgets (a shared 2-core CPU)."""
+    return (
+        f"{args.images} images per DLG/iDLG setting (issue: 10); DLG/iDLG {args.dlg_iterations[0]} (MNIST) and "
+        f"{args.dlg_iterations[1]} (32x32) L-BFGS steps (paper: 300); Inverting Gradients {args.inverting_iterations} "
+        f"Adam steps (paper: 4800 on CIFAR), {args.inverting_images} images at B=1 and {args.inverting_batches} "
+        f"batch(es) at B=4, one restart; defenses on {args.defense_images} MNIST images"
+    )
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -171,9 +181,8 @@ def main() -> None:
             if k not in ("data_root", "out")
         ),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
-        "notes": "PSNR capped at 100 dB per image; models untrained (seed 0; LeNet with DLG's U(-0.5, 0.5) init); "
-        "budgets reduced from the papers for a shared 2-core CPU (DLG 300 L-BFGS steps, Inverting "
-        "Gradients 4800 Adam steps on CIFAR): see each setting's attack_config",
+        "notes": "PSNR capped at 100 dB per image; untrained models (seed 0; LeNet with DLG's U(-0.5, 0.5) init).",
+        "reduced": reduced(args),
         "settings": [],
     }
     for setting in settings(args):

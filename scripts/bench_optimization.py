@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -65,7 +66,13 @@ def main() -> None:
     iterations = {k: int(v) for k, v in (item.split("=") for item in args.iterations)}
     sentences, labels = read_cola(args.data_root / "cola" / "dev.tsv", limit=args.sentences)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    environment = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+    }
     rows: list[dict] = []
     jobs = [(m, a, b) for m in args.models for a in args.attacks for b in args.batch_sizes]
     bar = tqdm(total=sum(len(batches(sentences, b)) for _, _, b in jobs), desc="batches")
@@ -102,6 +109,7 @@ def main() -> None:
                         }
                     )
                     bar.update()
+                    environment["load_average_now"] = os.getloadavg()
                     payload = {"config": config, "environment": environment, "summary": aggregate(rows), "rows": rows}
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(payload, indent=1))

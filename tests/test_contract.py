@@ -8,7 +8,6 @@ from conftest import SENTENCE
 from textleak.attacks import ATTACKS, get_attack
 from textleak.client import simulate_client
 
-
 #: the smallest configuration of each attack that still runs the whole method
 SMALL = {"span": {}}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import pickle
@@ -26,9 +25,9 @@ from image_support import (
     save_grid,
     ssim,
 )
-from image_support.cli import add_image_attack_parser, main, run_image_attack
 from image_support.datasets import load_cifar, load_image_folder, load_mnist, read_idx
 from image_support.metrics import gaussian_window, match_images, mse
+from textleak.cli import main
 from textleak.defenses import parse_defense
 from textleak.errors import CapabilityError, ModelLoadError
 from textleak.update import Knowledge, Update
@@ -297,8 +296,6 @@ def test_cli_image_attack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     images = (np.random.default_rng(0).random((4, 28, 28)) * 255).astype(np.uint8)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, compress=True)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 3, 4]), compress=True)
-    parser = argparse.ArgumentParser()
-    add_image_attack_parser(parser.add_subparsers(dest="command"))
     argv = [
         "image-attack",
         "--dataset",
@@ -318,10 +315,10 @@ def test_cli_image_attack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         "--json",
         str(tmp_path / "run.json"),
     ]
-    assert run_image_attack(parser.parse_args(argv)) == 0
+    assert main(argv) == 0  # the `textleak` command itself
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["indices"] == [1, 2] and record["scores"]["mean_psnr"] > 90
     assert (tmp_path / "out" / "mnist_mlp_analytic-fc_1.png").is_file()
     argv[4] = str(tmp_path / "missing")
     assert main(argv) == 2
-    assert "expected" in capsys.readouterr().out
+    assert "expected" in capsys.readouterr().err

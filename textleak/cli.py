@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     out = attack.add_argument_group("output")
     out.add_argument("--json", type=Path, help="write the full results and configuration as JSON")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from image_support.cli import add_image_attack_parser  # the image backend, loaded only by the command line
+
+    add_image_attack_parser(commands)
     return parser
 
 
@@ -210,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "attack":
             return run_attack(args)
+        if args.command == "image-attack":
+            from image_support.cli import run_image_attack
+
+            return run_image_attack(args)
     except (TextleakError, ValueError, FileNotFoundError) as error:
         print(f"textleak: error: {error}", file=sys.stderr)
         return 2
