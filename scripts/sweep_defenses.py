@@ -27,7 +27,7 @@ import torch
 from textleak.attacks import get_attack
 from textleak.data import read_cola
 from textleak.defenses.client import defended_client
-from textleak.defenses.utility import COLA_DEV, as_gradient, fine_tune, gradient_fidelity
+from textleak.defenses.utility import as_gradient, fine_tune, gradient_fidelity
 from textleak.errors import CapabilityError
 from textleak.metrics import score_batch
 from textleak.models import load_model
@@ -60,6 +60,9 @@ QUICK_GRID: dict[str, list[tuple[float, list[str]]]] = {
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
+    )
     parser.add_argument("--model", default="random:bert-tiny", help="model spec (default: random:bert-tiny)")
     parser.add_argument("--task", default="classification", choices=("mlm", "all-tokens", "classification"))
     parser.add_argument("--attacks", nargs="+", default=["cosine"])
@@ -142,14 +145,22 @@ def run(args: argparse.Namespace) -> Path:
     if unknown:
         raise SystemExit(f"unknown families {unknown}; known: {sorted(grid)}")
     configs = [("none", 0.0, [])] + [(f, s, specs) for f in families for s, specs in grid[f]]
-    sentences, labels = read_cola(COLA_DEV)
+    cola = args.data_root / "cola"
+    sentences, labels = read_cola(cola / "dev.tsv")
     target = load_model(args.model, head=head_for(args.task), seed=args.seed)
     reveal = ("lengths", "labels") if args.task == "classification" else ("lengths",)
     base = {"model": args.model, "task": args.task}
     for family, strength, specs in configs:
         head = {**base, "family": family, "strength": strength, "specs": specs}
         if args.fine_tune_steps and (key := row_key({**head, "kind": "utility"})) not in done:
-            result = fine_tune(args.model, defenses=specs, steps=args.fine_tune_steps, seed=args.seed).to_dict()
+            result = fine_tune(
+                args.model,
+                train_path=cola / "train.tsv",
+                eval_path=cola / "dev.tsv",
+                defenses=specs,
+                steps=args.fine_tune_steps,
+                seed=args.seed,
+            ).to_dict()
             result.pop("losses")
             append_row(results, {**head, "kind": "utility", **result})
             done.add(key)

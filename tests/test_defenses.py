@@ -2,6 +2,7 @@
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from textleak.defenses.accountant import dp_epsilon, sampled_gaussian_rdp
 from textleak.defenses.client import defended_client, text_training_data
 from textleak.defenses.dpsgd import clip_and_sum, global_norm, per_example_gradients
 from textleak.defenses.quantization import int8_round_trip
-from textleak.defenses.utility import COLA_DEV, COLA_TRAIN, fine_tune, gradient_fidelity, update_fidelity
+from textleak.defenses.utility import fine_tune, gradient_fidelity, update_fidelity
 from textleak.errors import CapabilityError, UnknownNameError
 from textleak.models import load_model
 from textleak.update import Update
@@ -356,10 +357,15 @@ def test_gradient_fidelity():
     assert dropped["sent_fraction"] == 0.5
 
 
-@pytest.mark.skipif(not (COLA_TRAIN.exists() and COLA_DEV.exists()), reason="CoLA is not in /work/shared/data")
+COLA = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "cola"
+COLA_TRAIN, COLA_DEV = COLA / "train.tsv", COLA / "dev.tsv"
+
+
+@pytest.mark.skipif(not (COLA_TRAIN.exists() and COLA_DEV.exists()), reason="CoLA is not in ../shared/data")
 def test_fine_tune_runs_a_few_steps_with_and_without_a_defense():
-    clean = fine_tune(steps=3, batch_size=4, eval_size=16)
-    defended = fine_tune(steps=3, batch_size=4, eval_size=16, defenses=["prune:ratio=0.9"])
+    paths = {"train_path": COLA_TRAIN, "eval_path": COLA_DEV}
+    clean = fine_tune(steps=3, batch_size=4, eval_size=16, **paths)
+    defended = fine_tune(steps=3, batch_size=4, eval_size=16, defenses=["prune:ratio=0.9"], **paths)
     assert len(clean.losses) == 3 and 0 <= clean.eval_accuracy <= 1
     assert defended.defenses == [{"name": "prune", "ratio": 0.9}]
     assert clean.losses[0] == defended.losses[0]  # same seed, same first batch and weights

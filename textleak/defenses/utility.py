@@ -25,10 +25,6 @@ from textleak.defenses.client import defended_client
 from textleak.models import LoadedModel, load_model
 from textleak.update import Update
 
-COLA_DIR = Path("/work/shared/data/text/cola")
-COLA_TRAIN = COLA_DIR / "train.tsv"
-COLA_DEV = COLA_DIR / "dev.tsv"
-
 
 def gradient_fidelity(clean: Gradients, defended: Gradients) -> dict[str, float]:
     """Cosine similarity and relative L2 error of ``defended`` against ``clean`` over all clean tensors.
@@ -123,17 +119,17 @@ def _apply(model: torch.nn.Module, update: Update, optimizer: torch.optim.Optimi
 def fine_tune(
     spec: str = "random:bert-tiny",
     *,
+    train_path: str | Path,
+    eval_path: str | Path,
     defenses: Sequence[str | Defense] = (),
     steps: int = 300,
     batch_size: int = 8,
     lr: float = 1e-4,
     seed: int = 0,
-    train_path: str | Path = COLA_TRAIN,
-    eval_path: str | Path = COLA_DEV,
     eval_size: int = 200,
     max_length: int = 64,
 ) -> FineTuneResult:
-    """Fine-tune a classifier on CoLA for ``steps`` Adam steps, every update passed through ``defenses``.
+    """Fine-tune a classifier on CoLA files for ``steps`` Adam steps, every update passed through ``defenses``.
 
     Each step draws ``batch_size`` training sentences (seeded), the defended client computes its update, and
     the server applies it. ``train_loss`` is the mean clean batch loss of the last tenth of the steps.
