@@ -123,9 +123,53 @@ def batch_gradients(model: torch.nn.Module, batch: ClientBatch) -> dict[str, tor
     """Gradients of the batch loss for every trainable parameter, without touching ``.grad`` on the model."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(batch_loss(model, batch), [p for _, p in named], allow_unused=True)
-    return {
-        name: (torch.zeros_like(p) if g is None else g.detach()) for (name, p), g in zip(named, grads, strict=True)
-    }
+    return {name: (torch.zeros_like(p) if g is None else g.detach()) for (name, p), g in zip(named, grads, strict=True)}
+
+
+def check_request(target: LoadedModel, task: str, reveal: Sequence[str]) -> None:
+    """Refuse a client set-up that cannot run: unknown revealed facts, or a task the model's head cannot train."""
+    unknown = set(reveal) - set(REVEALABLE)
+    if unknown:
+        raise ValueError(f"cannot reveal {sorted(unknown)}; revealable: {REVEALABLE}")
+    if target.source.head != head_for(task):
+        raise ValueError(
+            f"task {task!r} trains a {head_for(task)} head but the model was loaded with head "
+            f"{target.source.head!r}; load it with head={head_for(task)!r}"
+        )
+
+
+def package_update(
+    target: LoadedModel,
+    sentences: Sequence[str],
+    batch: ClientBatch,
+    original: torch.Tensor,
+    gradients: dict[str, torch.Tensor],
+    *,
+    seed: int,
+    reveal: Sequence[str],
+) -> tuple[Update, GroundTruth]:
+    """The update carrying ``gradients`` computed on ``batch`` (encoded from ``sentences``), and the ground truth."""
+    lengths = tuple(int(n) for n in batch.attention_mask.sum(1))
+    label_values = tuple(tuple(row) if isinstance(row, list) else row for row in batch.labels.tolist())
+    knowledge = Knowledge(
+        lengths=lengths if "lengths" in reveal else None,
+        labels=label_values if "labels" in reveal else None,
+    )
+    metadata = UpdateMetadata(
+        model=target.source,
+        task=batch.task,
+        batch_size=len(batch),
+        seq_len=int(batch.input_ids.shape[1]),
+        knowledge=knowledge,
+        client_seed=seed,
+    )
+    truth = GroundTruth(
+        sentences=tuple(sentences),
+        input_ids=tuple(tuple(row[:n]) for row, n in zip(batch.input_ids.tolist(), lengths, strict=True)),
+        original_ids=tuple(tuple(row[:n]) for row, n in zip(original.tolist(), lengths, strict=True)),
+        labels=label_values,
+    )
+    return Update(gradients, metadata), truth
 
 
 def simulate_client(
@@ -143,14 +187,7 @@ def simulate_client(
 
     ``reveal`` lists what the attacker is assumed to know besides the gradients: ``lengths`` and/or ``labels``.
     """
-    unknown = set(reveal) - set(REVEALABLE)
-    if unknown:
-        raise ValueError(f"cannot reveal {sorted(unknown)}; revealable: {REVEALABLE}")
-    if target.source.head != head_for(task):
-        raise ValueError(
-            f"task {task!r} trains a {head_for(task)} head but the model was loaded with head "
-            f"{target.source.head!r}; load it with head={head_for(task)!r}"
-        )
+    check_request(target, task, reveal)
     batch, original = encode_batch(
         target.tokenizer,
         sentences,
@@ -161,24 +198,4 @@ def simulate_client(
         mlm_probability=mlm_probability,
     )
     gradients = batch_gradients(target.model, batch)
-    lengths = tuple(int(n) for n in batch.attention_mask.sum(1))
-    label_values = tuple(tuple(row) if isinstance(row, list) else row for row in batch.labels.tolist())
-    knowledge = Knowledge(
-        lengths=lengths if "lengths" in reveal else None,
-        labels=label_values if "labels" in reveal else None,
-    )
-    metadata = UpdateMetadata(
-        model=target.source,
-        task=task,
-        batch_size=len(batch),
-        seq_len=int(batch.input_ids.shape[1]),
-        knowledge=knowledge,
-        client_seed=seed,
-    )
-    truth = GroundTruth(
-        sentences=tuple(sentences),
-        input_ids=tuple(tuple(row[:n]) for row, n in zip(batch.input_ids.tolist(), lengths, strict=True)),
-        original_ids=tuple(tuple(row[:n]) for row, n in zip(original.tolist(), lengths, strict=True)),
-        labels=label_values,
-    )
-    return Update(gradients, metadata), truth
+    return package_update(target, sentences, batch, original, gradients, seed=seed, reveal=reveal)

@@ -10,7 +10,15 @@ from collections.abc import Sequence
 
 import torch
 
-from textleak.client import ClientBatch, GroundTruth, batch_loss, encode_batch, simulate_client
+from textleak.client import (
+    ClientBatch,
+    GroundTruth,
+    batch_gradients,
+    batch_loss,
+    check_request,
+    encode_batch,
+    package_update,
+)
 from textleak.defenses import as_defenses
 from textleak.defenses.base import ClientProcedure, Defense, TrainingData, apply_defense
 from textleak.defenses.secure_aggregation import SecureAggregation, aggregate
@@ -56,28 +64,21 @@ def _one_client(
     mlm_probability: float,
     reveal: Sequence[str],
 ) -> tuple[Update, GroundTruth]:
-    update, truth = simulate_client(
-        target,
+    check_request(target, task, reveal)
+    batch, original = encode_batch(
+        target.tokenizer,
         sentences,
         task=task,
         labels=labels,
         seed=seed,
         max_length=max_length,
         mlm_probability=mlm_probability,
-        reveal=reveal,
     )
-    data = None
-    if any(isinstance(d, ClientProcedure) for d in defenses):
-        batch, _ = encode_batch(
-            target.tokenizer,
-            sentences,
-            task=task,
-            labels=labels,
-            seed=seed,
-            max_length=max_length,
-            mlm_probability=mlm_probability,
-        )
-        data = text_training_data(batch)
+    procedure = bool(defenses) and isinstance(defenses[0], ClientProcedure)
+    # a client procedure (dpsgd, fedavg) computes the update itself: the plain gradient would be thrown away
+    gradients = {} if procedure else batch_gradients(target.model, batch)
+    update, truth = package_update(target, sentences, batch, original, gradients, seed=seed, reveal=reveal)
+    data = text_training_data(batch) if procedure else None
     generator = torch.Generator().manual_seed(seed)
     for defense in defenses:
         update = apply_defense(update, defense, generator, model=target.model, data=data)
