@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
         "--iterations", nargs="+", default=["dlg=20", "tag=300", "cosine=300"], help="per attack: name=N"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="keep the batches already in --out and run the rest")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "optimization_benchmark.json")
     return parser.parse_args()
 
@@ -73,7 +74,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
     }
-    rows: list[dict] = []
+    rows: list[dict] = json.loads(args.out.read_text())["rows"] if args.resume and args.out.exists() else []
+    done = {(r["model"], r["attack"], r["batch_size"], r["batch"]) for r in rows}
     jobs = [(m, a, b) for m in args.models for a in args.attacks for b in args.batch_sizes]
     bar = tqdm(total=sum(len(batches(sentences, b)) for _, _, b in jobs), desc="batches")
     for model_spec in args.models:
@@ -85,6 +87,9 @@ def main() -> None:
                 for index, group in enumerate(batches(sentences, batch_size)):
                     group_labels = labels[start_index : start_index + len(group)]
                     start_index += len(group)
+                    if (model_spec, attack_name, batch_size, index) in done:
+                        bar.update()
+                        continue
                     started = time.perf_counter()
                     result = attack_sentences(
                         target, group, attack, task=args.task, seed=args.seed + index, labels=group_labels
