@@ -23,7 +23,7 @@ from textleak.experiment import BatchResult, attack_sentences, attack_update
 from textleak.models import load_model, load_source
 from textleak.report import metrics_table, side_by_side
 from textleak.tasks import TASKS, head_for
-from textleak.update import Update
+from textleak.update import Update, check_matches_model
 
 DEFAULT_ATTACK = "span"
 DEFAULT_TASK = "mlm"
@@ -126,7 +126,7 @@ def run_attack(args: argparse.Namespace) -> int:
             if args.model
             else load_source(update.metadata.model)
         )
-        update = Update.load(args.update, target.model)
+        check_matches_model(update, target.model)
         print(repr(update))
         results.append(attack_update(update, target, attack, progress=_bar(progress_bars, "attack")))
         _print_result(0, results[0])
