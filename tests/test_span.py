@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
-from textleak.attacks.span import SpanAttack, auto_threshold
+from textleak.attacks.span import UNIQUE_SHARE, SpanAttack, auto_threshold
+from textleak.attacks.span_pairing import pair_tokens
 from textleak.attacks.span_scoring import (
     EmbeddingParts,
     candidate_residuals,
@@ -151,3 +154,36 @@ def test_classification_on_a_two_layer_model_says_the_second_layer_cannot_confir
     result = SpanAttack(restarts=0).reconstruct(update, target)
     assert any("second layer's span" in w for w in result.warnings)
     assert len(result.token_ids) == 2
+
+
+def test_pairing_puts_each_once_seen_token_at_its_position(models):
+    """The embedding gradients pair tokens with positions: a token seen once in the batch gets (almost) all of its
+    gradient at its true position, which no layer-1 residual can tell apart."""
+    target = models[("random:bert-mini", "classification")]
+    sentences = ["the cat sat on the mat.", "a very good movie indeed, i liked it", "dogs bark at night"]
+    update, truth = simulate_client(target, sentences, task="classification", seed=0, reveal=())
+    bag = sorted({t for ids in truth.input_ids for t in ids})
+    pairing = pair_tokens(update, bag, update.metadata.seq_len)
+    assert pairing is not None
+    occurrences = Counter(t for ids in truth.input_ids for t in ids)
+    once = {(t, p) for ids in truth.input_ids for p, t in enumerate(ids) if occurrences[t] == 1}
+    assert len(once) >= 15
+    assert pairing.residual < 0.01
+    for t, p in once:  # the largest share of each once-seen token is at its true position
+        assert int(pairing.weights[pairing.tokens.index(t)].argmax()) == p
+    assert pairing.single_occurrences(UNIQUE_SHARE) <= once | {(t, 0) for t in bag}
+
+
+def test_pairing_is_skipped_when_a_tied_decoder_adds_to_the_word_gradient(models):
+    target = models[("random:bert-mini", "mlm")]
+    update, truth = _client(target, SENTENCES, "mlm")
+    bag = sorted({t for ids in truth.input_ids for t in ids})
+    assert pair_tokens(update, bag, update.metadata.seq_len) is None
+
+
+def test_time_limit_returns_the_best_answer_with_a_warning(models):
+    target = models[("random:bert-mini", "classification")]
+    update, _ = simulate_client(target, SENTENCES, task="classification", seed=0, reveal=())
+    result = SpanAttack(time_limit=1e-6).reconstruct(update, target)
+    assert len(result.token_ids) == 2
+    assert any("time limit" in w for w in result.warnings)

@@ -21,10 +21,13 @@ import torch
 from textleak.attacks.base import Progress, Reconstruction, check_requirements
 from textleak.attacks.mlm_labels import recover_originals
 from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch, assemble
+from textleak.attacks.span_pairing import Pairing, pair_tokens
 from textleak.attacks.span_scoring import (
     SpanBasis,
     candidate_residuals,
+    EmbeddingParts,
     embedding_parts,
+    first_layer_inputs,
     qkv_gradient_names,
     span_basis,
     stacked_gradient,
@@ -34,6 +37,8 @@ from textleak.update import Update
 
 #: A position whose best candidate has a relative residual above this holds no token that reached the gradient.
 DEAD = 1e-2
+#: A pairing share above this marks a token that occurs once in the batch, at that position.
+UNIQUE_SHARE = 0.9
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +49,10 @@ class SpanConfig:
     residuals above the worst position's best candidate). rank_tol: singular values kept, relative to the
     largest (auto: the last 10x drop). accept: layer-2 residual below which a sentence is accepted (auto: 100x
     a true token's typical layer-1 residual, within [1e-5, 1e-2]). max_candidates: tokens kept per position;
-    restarts: random restarts of the per-sentence search (seeded).
+    restarts: random restarts of the per-sentence search (seeded). pairing: for B > 1, order and narrow each
+    position's candidates by the embedding gradients' token-position pairing (span_pairing), keeping tokens whose
+    share there is at least ``pair_floor``. time_limit: seconds for the sentence search, after which the best
+    answer so far is returned with a warning (None: no limit).
     """
 
     threshold: float | None = None
@@ -55,12 +63,19 @@ class SpanConfig:
     restarts: int = 8
     seed: int = 0
     chunk: int = 4096
+    pairing: bool = True
+    pair_floor: float = 0.01
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("threshold", "rank_tol", "accept"):
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
                 raise ValueError(f"{name} must be in (0, 1) or None, got {value!r}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"time_limit must be positive seconds or None, got {self.time_limit!r}")
+        if not 0 <= self.pair_floor < 1:
+            raise ValueError(f"pair_floor must be in [0, 1), got {self.pair_floor!r}")
         if self.restarts < 0:
             raise ValueError(f"restarts must be >= 0, got {self.restarts!r}")
         for name in ("max_candidates", "max_sweeps", "chunk"):
@@ -132,15 +147,28 @@ class SpanAttack:
         passing = [[int(t) for t, r in zip(ids[p], res[p], strict=True) if r <= threshold] for p in range(len(ids))]
         if not any(passing[1:]):
             warnings.append(f"no candidate passes the layer-1 threshold {threshold:.2e}; best candidates used")
+        pairing = None
+        if cfg.pairing and meta.batch_size > 1:
+            clock = time.perf_counter()
+            pairing = pair_tokens(update, sorted({t for tokens in passing for t in tokens}), meta.seq_len)
+            timings["pairing"] = time.perf_counter() - clock
+            if pairing is not None:
+                passing = _paired(passing, pairing, parts, span1, types[0], cfg.pair_floor, threshold)
         sep, cls, pad = tok.sep_token_id, tok.cls_token_id, tok.pad_token_id
         lengths = _lengths(passing, res, ids, sep)
         if not any(sep in passing[p] for p in range(len(passing))):
             warnings.append("no [SEP] candidate passes; assumed every sequence spans the padded length")
 
-        def options_for(length: int) -> list[list[int]]:
+        single = set() if pairing is None else pairing.single_occurrences(UNIQUE_SHARE)
+
+        def options_for(length: int, accepted: list[Found]) -> list[list[int]]:
+            """Allowed tokens per position; a token that occurs once in the batch and is already used there by
+            an accepted sentence goes last (it cannot be in another sentence, unless the share misled)."""
             middle = []
             for p in range(1, length - 1):
                 allowed = [t for t in passing[p] if t not in (sep, cls, pad)]
+                taken = {f.ids[p] for f in accepted if p < len(f.ids) and (f.ids[p], p) in single}
+                allowed = [t for t in allowed if t not in taken] + [t for t in allowed if t in taken]
                 middle.append(allowed or [int(t) for t in ids[p] if int(t) not in (sep, cls, pad)][:1])
             return [[cls], *middle, [sep]]
 
@@ -157,9 +185,19 @@ class SpanAttack:
             )
         accept = cfg.accept if cfg.accept is not None else auto_accept(res)
         search = SentenceSearch(
-            FirstLayer(model), span2, accept=accept, max_sweeps=cfg.max_sweeps, restarts=cfg.restarts, seed=cfg.seed
+            FirstLayer(model),
+            span2,
+            accept=accept,
+            max_sweeps=cfg.max_sweeps,
+            restarts=cfg.restarts,
+            seed=cfg.seed,
+            time_limit=cfg.time_limit,
         )
         accepted, rejected = assemble(search, lengths, options_for, meta.batch_size)
+        if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites
+            rejected = [Found(tuple(options[0] for options in options_for(lengths[0], [])), math.inf)]
+        if search.expired and len(accepted) < meta.batch_size:
+            warnings.append(f"the sentence search ran out of its {cfg.time_limit} s time limit")
         sentences = _complete(accepted, rejected, meta.batch_size, warnings)
         timings["assembly"] = time.perf_counter() - clock
         if progress:
@@ -220,6 +258,30 @@ class SpanAttack:
         )
 
 
+def _paired(
+    passing: list[list[int]],
+    pairing: Pairing,
+    parts: EmbeddingParts,
+    span: SpanBasis,
+    token_type: int,
+    floor: float,
+    threshold: float,
+) -> list[list[int]]:
+    """Per position, the bag's tokens whose pairing share there is at least ``floor`` and which pass the layer-1
+    check there, largest share first; a position where none qualifies keeps its layer-1 candidates."""
+    out = []
+    for p, fallback in enumerate(passing):
+        ranked = [t for t, _ in pairing.ranked(p, floor)]
+        if ranked:
+            n = len(ranked)
+            rows = first_layer_inputs(
+                parts, torch.tensor(ranked), torch.full((n,), p), torch.full((n,), token_type, dtype=torch.long)
+            )
+            ranked = [t for t, r in zip(ranked, span.residual(rows).tolist(), strict=True) if r <= threshold]
+        out.append(ranked or fallback)
+    return out
+
+
 def _candidate_table(ids: torch.Tensor, res: torch.Tensor, threshold: float) -> list[list[list[float]]]:
     """Per position, [token id, layer-1 residual] of the passing candidates (the best one if none passes)."""
     table = []
@@ -259,7 +321,8 @@ def _lengths(passing: list[list[int]], res: torch.Tensor, ids: torch.Tensor, sep
     found = []
     for p, tokens in enumerate(passing):
         if sep in tokens and p >= 1:
-            found.append((float(res[p][ids[p] == sep][0]), p + 1))
+            score = res[p][ids[p] == sep]
+            found.append((float(score[0]) if len(score) else float(res[p][-1]), p + 1))
     return [length for _, length in sorted(found)] or [len(passing)]
 
 

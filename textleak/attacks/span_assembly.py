@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,10 +59,17 @@ class SentenceSearch:
         seed: int = 0,
         block: int = 256,
         batch: int = 256,
+        time_limit: float | None = None,
     ) -> None:
         self.first, self.span, self.accept = first, span, accept
         self.max_sweeps, self.restarts, self.block, self.batch = max_sweeps, restarts, block, batch
         self.generator = torch.Generator().manual_seed(seed)
+        self.deadline = math.inf if time_limit is None else time.perf_counter() + time_limit
+
+    @property
+    def expired(self) -> bool:
+        """Whether the search's time budget is spent (it then returns the best it has)."""
+        return time.perf_counter() > self.deadline
 
     def score(self, sentences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sentence (n, L): the search objective and the worst row's relative residual.
@@ -83,7 +92,7 @@ class SentenceSearch:
         best = self.repair(self.descend(start, options, avoid), options, avoid)
         free = [p for p, tokens in enumerate(options) if len(tokens) > 1]
         for attempt in range(self.restarts):
-            if best.score <= self.accept or not free:
+            if best.score <= self.accept or not free or self.expired:
                 break
             kicked = list(best.ids)
             count = len(free) if attempt % 2 else 2 + attempt % 3  # alternate fresh starts and small kicks
@@ -127,6 +136,8 @@ class SentenceSearch:
         current = list(start)
         best, worst = (float(v[0]) for v in self._scores(torch.tensor([current]), avoid))
         for _ in range(self.max_sweeps):
+            if self.expired:
+                break
             changed = False
             for p, tokens in enumerate(options):
                 if len(tokens) < 2:
@@ -152,12 +163,12 @@ class SentenceSearch:
 def assemble(
     search: SentenceSearch,
     lengths: list[int],
-    options_for: Callable[[int], list[list[int]]],
+    options_for: Callable[[int, list[Found]], list[list[int]]],
     batch_size: int,
 ) -> tuple[list[Found], list[Found]]:
     """Find up to ``batch_size`` sentences over the candidate ``lengths`` (best first).
 
-    ``options_for(length)`` gives the allowed tokens per position (the first option is the layer-1 favourite,
+    ``options_for(length, accepted)`` gives the allowed tokens per position (the first option is the layer-1 favourite,
     fixed positions have one option). Returns (accepted sentences, best rejected attempts).
     """
     accepted: list[Found] = []
@@ -165,12 +176,12 @@ def assemble(
     found: set[tuple[int, ...]] = set()
     pending = list(lengths)
     progress = True
-    while len(accepted) < batch_size and progress:
+    while len(accepted) < batch_size and progress and not search.expired:
         progress = False
         for length in list(pending):
-            if len(accepted) >= batch_size:
+            if len(accepted) >= batch_size or search.expired:
                 break
-            result = _search_narrow_first(search, options_for(length), batch_size, accepted, found)
+            result = _search_narrow_first(search, options_for(length, accepted), batch_size, accepted, found)
             if result.score <= search.accept:
                 accepted.append(result)
                 found.add(result.ids)
@@ -189,7 +200,7 @@ def _search_narrow_first(
     taken = [f.ids for f in accepted]
     narrow = [tokens[:batch_size] for tokens in options]
     result = search.search(_start_avoiding(narrow, taken), narrow, avoid=found)
-    if result.score <= search.accept or narrow == options:
+    if result.score <= search.accept or narrow == options or search.expired:
         return result
     wide = search.search(_start_avoiding(options, taken), options, avoid=found)
     return min(result, wide, key=lambda f: f.score)
