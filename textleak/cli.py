@@ -19,6 +19,7 @@ from textleak.attacks.base import Progress
 from textleak.data import batches, read_sentences, sample_sentences
 from textleak.defenses import DEFENSES, as_defenses
 from textleak.errors import TextleakError
+from textleak.evaluation.cli import add_evaluate_parser, run_evaluate
 from textleak.experiment import BatchResult, attack_sentences, attack_update
 from textleak.models import load_model, load_source
 from textleak.report import metrics_table, side_by_side
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     from image_support.cli import add_image_attack_parser  # the image backend, loaded only by the command line
 
     add_image_attack_parser(commands)
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -213,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "attack":
             return run_attack(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
         if args.command == "image-attack":
             from image_support.cli import run_image_attack
 
