@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="model seed and first client seed")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "span_benchmark.json")
+    parser.add_argument("--option", action="append", default=[], help="span option key=value (JSON value), e.g. "
+                        "time_limit=120")
     args = parser.parse_args(argv)
+    options = {key: json.loads(value) for key, _, value in (text.partition("=") for text in args.option)}
     torch.set_num_threads(args.threads)
 
     data = {name: read_dataset(args.data_root, name) for name in args.datasets}
@@ -106,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "config": config,
-        "attack_config": SpanAttack().config.__dict__,
+        "attack_config": SpanAttack(**options).config.__dict__,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
         "results": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     loaded: dict[tuple[str, str], object] = {}
-    attack = SpanAttack()
+    attack = SpanAttack(**options)
     for model_spec, task, dataset, batch_size in tqdm(settings, desc="span benchmark", unit="setting"):
         key = (model_spec, head_for(task))
         if key not in loaded:

@@ -19,6 +19,7 @@ from textleak.attacks.span_scoring import (
     stacked_gradient,
 )
 from textleak.client import simulate_client
+from textleak.defenses.client import defended_client
 from textleak.errors import CapabilityError
 from textleak.models import load_model
 
@@ -187,3 +188,16 @@ def test_time_limit_returns_the_best_answer_with_a_warning(models):
     result = SpanAttack(time_limit=1e-6).reconstruct(update, target)
     assert len(result.token_ids) == 2
     assert any("time limit" in w for w in result.warnings)
+
+
+def test_small_noise_leaves_a_flat_bulk_that_the_rank_estimate_sees_through():
+    """Noise lifts every zero singular value to a flat bulk with no 10x fall; the signal values standing out of it
+    still give the span, so a lightly noised sentence is recovered exactly, with the ambiguity said."""
+    target = load_model("default", head="classification")
+    sentence = "the more people you invite to dinner, the more food we need to cook."
+    update, truth = defended_client(
+        target, [sentence], task="classification", seed=0, reveal=(), defenses=["noise:sigma=3e-6"]
+    )
+    result = SpanAttack().reconstruct(update, target)
+    assert result.token_ids == [list(truth.input_ids[0])]
+    assert any("ambiguous" in w for w in result.warnings)

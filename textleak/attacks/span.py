@@ -23,9 +23,9 @@ from textleak.attacks.mlm_labels import recover_originals
 from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch, assemble
 from textleak.attacks.span_pairing import Pairing, pair_tokens
 from textleak.attacks.span_scoring import (
+    EmbeddingParts,
     SpanBasis,
     candidate_residuals,
-    EmbeddingParts,
     embedding_parts,
     first_layer_inputs,
     qkv_gradient_names,
@@ -137,7 +137,9 @@ class SpanAttack:
         warnings += _rank_warnings(span1, "first")
         types = _token_types(update)
         parts = embedding_parts(model)
-        res, ids = candidate_residuals(parts, span1, meta.seq_len, types, keep=cfg.max_candidates, chunk=cfg.chunk)
+        res, ids = candidate_residuals(
+            parts, span1, meta.seq_len, types, keep=cfg.max_candidates, chunk=cfg.chunk, exclude=_reserved(tok)
+        )
         res, ids = res[:, 0], ids[:, 0]  # single-segment inputs: the first present token type
         threshold = cfg.threshold if cfg.threshold is not None else auto_threshold(res)
         timings["layer1"] = time.perf_counter() - clock
@@ -280,6 +282,12 @@ def _paired(
             ranked = [t for t, r in zip(ranked, span.residual(rows).tolist(), strict=True) if r <= threshold]
         out.append(ranked or fallback)
     return out
+
+
+def _reserved(tokenizer: Any) -> torch.Tensor:
+    """Mask of vocabulary entries the tokenizer never emits (BERT's ``[unused17]`` and the like)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([t is not None and t.startswith("[unused") for t in tokens])
 
 
 def _candidate_table(ids: torch.Tensor, res: torch.Tensor, threshold: float) -> list[list[list[float]]]:

@@ -20,6 +20,8 @@ from textleak.update import Update
 QKV_NAMES = ("query", "key", "value", "q_lin", "k_lin", "v_lin", "q_proj", "k_proj", "v_proj")
 #: Singular values below this fraction of the largest are never counted as signal.
 RANK_FLOOR = 1e-12
+#: Without a clear fall, singular values above this multiple of the median stand out of the noise bulk.
+NOISE_BULK = 2.5
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,21 @@ def _largest_drop(spectrum: torch.Tensor) -> int:
     drops = logs[:-1] - logs[1:]
     drops[spectrum[:-1] <= RANK_FLOOR] = 0
     clear = (drops >= 1.0).nonzero().flatten()
-    return len(spectrum) if len(clear) == 0 else int(clear[-1]) + 1
+    if len(clear):
+        return int(clear[-1]) + 1
+    return _above_noise_bulk(spectrum)
+
+
+def _above_noise_bulk(spectrum: torch.Tensor) -> int:
+    """Rank when nothing falls clearly (noised or pruned updates): the values standing out of the flat bulk.
+
+    Noise added to a low-rank gradient leaves a flat bulk of singular values whose largest lies within a small
+    factor of its median; values above ``NOISE_BULK`` times the median are counted as signal. Full rank when
+    the spectrum has no flat bulk (a batch with as many distinct tokens as the hidden size).
+    """
+    median = float(spectrum.median())
+    signal = int((spectrum > NOISE_BULK * median).sum())
+    return len(spectrum) if signal == 0 or signal > len(spectrum) // 2 else signal
 
 
 @dataclass(frozen=True)
@@ -143,10 +159,12 @@ def candidate_residuals(
     *,
     keep: int = 32,
     chunk: int = 4096,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``keep`` lowest relative residuals per (position, type) over the whole vocabulary.
 
-    Returns (residuals, token ids), each (positions, len(types), keep), residuals ascending.
+    Returns (residuals, token ids), each (positions, len(types), keep), residuals ascending. ``exclude`` is a
+    (V,) mask of tokens never to propose (reserved entries the tokenizer never emits).
     With z = e + p + t, LayerNorm gives x = gamma * C z / s + beta (C centres, s = sqrt(|C z|^2 / d + eps)),
     so ``|R x|^2`` and ``|x|^2`` (R = projection off the span) expand into word x (position, type) Gram products.
     """
@@ -180,6 +198,8 @@ def candidate_residuals(
         res_sq = ra_sq / s_sq + 2 * (rue_b[:, None] + rupt_b) / s + rb_sq
         x_sq = a_sq / s_sq + 2 * (ue_b[:, None] + upt_b) / s + b_sq
         rel = (res_sq.clamp_min(0) / x_sq).sqrt().T  # (m, chunk)
+        if exclude is not None:
+            rel[:, exclude[start : start + chunk]] = math.inf
         ids = torch.arange(start, start + rel.shape[1]).expand(m, -1)
         merged = torch.cat([best_res, rel], dim=1)
         order = merged.topk(min(keep, merged.shape[1]), dim=1, largest=False)
