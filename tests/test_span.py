@@ -201,3 +201,17 @@ def test_small_noise_leaves_a_flat_bulk_that_the_rank_estimate_sees_through():
     result = SpanAttack().reconstruct(update, target)
     assert result.token_ids == [list(truth.input_ids[0])]
     assert any("ambiguous" in w for w in result.warnings)
+
+
+def test_unfound_lengths_get_their_best_partial_attempt_before_repeats():
+    """A failed search at a length no accepted sentence has is a search failure, not a duplicate: its best attempt
+    (most tokens placed) beats repeating a found sentence; only then are repeats used."""
+    from textleak.attacks.span import _complete
+    from textleak.attacks.span_assembly import Found
+
+    accepted = [Found((101, 7, 8, 102), 1e-7)]
+    rejected = [Found((101, 5, 6, 9, 102), 3e-2), Found((101, 5, 4, 9, 102), 1e-2), Found((101, 7, 9, 102), 1e-3)]
+    warnings: list[str] = []
+    out = _complete(accepted, rejected, 3, warnings)
+    assert [f.ids for f in out] == [(101, 7, 8, 102), (101, 5, 4, 9, 102), (101, 7, 8, 102)]
+    assert any("partial" in w for w in warnings) and any("repeats" in w for w in warnings)

@@ -335,15 +335,33 @@ def _lengths(passing: list[list[int]], res: torch.Tensor, ids: torch.Tensor, sep
 
 
 def _complete(accepted: list[Found], rejected: list[Found], batch_size: int, warnings: list[str]) -> list[Found]:
-    """Accepted sentences topped up to the batch size: repeats of them, or the best rejected attempts if none."""
+    """Accepted sentences topped up to the batch size.
+
+    First with the best rejected attempt of each sentence length no accepted sentence has (a search that failed
+    there still places most tokens), then with repeats of accepted sentences (the span cannot tell duplicates
+    apart). With nothing accepted, the best rejected attempts.
+    """
     if len(accepted) >= batch_size:
         return accepted[:batch_size]
     if not accepted:
         warnings.append("no sentence passed the second-layer check; returning the best partial answers")
         pool = sorted(rejected, key=lambda f: f.score)
         return [pool[i % len(pool)] for i in range(batch_size)]
-    warnings.append(
-        f"found {len(accepted)} distinct sentences for a batch of {batch_size}: the rest are taken to be repeats "
-        f"(the span cannot tell duplicates apart), or left no trace in the gradient (mlm: nothing masked in them)"
-    )
-    return accepted + [accepted[i % len(accepted)] for i in range(batch_size - len(accepted))]
+    covered = {len(f.ids) for f in accepted}
+    best_per_length: dict[int, Found] = {}
+    for attempt in sorted(rejected, key=lambda f: f.score):
+        if len(attempt.ids) not in covered:
+            best_per_length.setdefault(len(attempt.ids), attempt)
+    partial = sorted(best_per_length.values(), key=lambda f: f.score)[: batch_size - len(accepted)]
+    if partial:
+        warnings.append(
+            f"{len(partial)} sentence(s) did not pass the second-layer check: their best partial answers are returned"
+        )
+    sentences = accepted + partial
+    if len(sentences) < batch_size:
+        warnings.append(
+            f"found {len(accepted)} distinct sentences for a batch of {batch_size}: the rest are taken to be repeats "
+            f"(the span cannot tell duplicates apart), or left no trace in the gradient (mlm: nothing masked in them)"
+        )
+        sentences += [accepted[i % len(accepted)] for i in range(batch_size - len(sentences))]
+    return sentences
