@@ -9,7 +9,7 @@ from textleak.attacks import ATTACKS, get_attack
 from textleak.client import simulate_client
 
 #: the smallest configuration of each attack that still runs the whole method
-SMALL = {"span": {}}
+SMALL = {"span": {}, "lamp": {"iterations": 2, "init_samples": 2, "moves": 8, "discrete_rounds": 2}}
 
 
 @pytest.fixture(scope="module")

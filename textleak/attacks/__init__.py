@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from textleak.attacks.base import Attack, Reconstruction
+from textleak.attacks.lamp import LampAttack
 from textleak.attacks.optimization import DLG, TAG, CosineAttack
 from textleak.attacks.span import SpanAttack
 from textleak.errors import unknown_name
@@ -12,6 +13,7 @@ from textleak.errors import unknown_name
 ATTACKS: dict[str, type] = {
     "cosine": CosineAttack,
     "dlg": DLG,
+    "lamp": LampAttack,
     "span": SpanAttack,
     "tag": TAG,
 }

@@ -47,7 +47,10 @@ def allowed_tokens(
 def nearest_tokens(
     embeddings: torch.Tensor, table: torch.Tensor, allowed: torch.Tensor, *, metric: str = "cosine"
 ) -> torch.Tensor:
-    """Index of the nearest allowed row of ``table`` for every row of ``embeddings`` (shape ``(..., d)``)."""
+    """Index of the nearest allowed row of ``table`` for every row of ``embeddings`` (shape ``(..., d)``).
+
+    ``allowed`` is a (V,) mask shared by every row, or one mask per row, shaped ``(..., V)`` like ``embeddings``.
+    """
     if metric not in METRICS:
         raise ValueError(f"decode metric must be one of {METRICS}, got {metric!r}")
     flat = embeddings.reshape(-1, embeddings.shape[-1]).to(table.dtype)
@@ -55,5 +58,8 @@ def nearest_tokens(
         scores = torch.nn.functional.normalize(flat, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
     else:
         scores = -torch.cdist(flat, table)
-    scores[:, ~allowed] = -torch.inf
+    if allowed.dim() == 1:
+        scores[:, ~allowed] = -torch.inf
+    else:
+        scores = scores.masked_fill(~allowed.reshape(-1, table.shape[0]), -torch.inf)
     return scores.argmax(-1).reshape(embeddings.shape[:-1])

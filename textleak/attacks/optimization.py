@@ -115,6 +115,84 @@ class LabelPlan:
     slots: int | None = None  # mlm: estimated number of masked tokens (soft rows then include "not masked")
 
 
+def soft_labels(
+    logits: torch.Tensor, plan: LabelPlan, layout: Layout, task: str, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dummy label distributions (restricted to ``plan.classes`` when given) and the slots that count.
+
+    all-tokens: special positions are labelled with their own (known) token, free positions softly.
+    mlm: which positions were masked is unknown, so every free position gets a soft label; with an estimated
+    masked count, each row has an extra "not masked" entry whose mass is dropped.
+    """
+    probs = logits.softmax(-1)
+    if plan.slots is not None:
+        probs = probs[..., :-1]
+    if plan.classes is not None:
+        full = torch.zeros(*probs.shape[:-1], num_classes, dtype=probs.dtype)
+        probs = full.scatter(-1, plan.classes.expand(*probs.shape[:-1], len(plan.classes)), probs)
+    if task == "classification":
+        return probs, None
+    if task == "mlm":
+        return probs, layout.free
+    one_hot = torch.nn.functional.one_hot(layout.fixed_ids, num_classes).to(probs.dtype)
+    return torch.where(layout.free[..., None], probs, one_hot), layout.attention_mask.bool()
+
+
+@dataclass
+class GradientProblem:
+    """One update's matching problem: where tokens go, how labels enter, which gradients to match and their targets.
+
+    ``loss`` and ``gradients`` take the full input embeddings (B, L, d) and the label leaves (empty for hard labels);
+    ``params`` swaps in parameter tensors (``torch.func.functional_call``) so candidates can be scored under vmap.
+    """
+
+    model: torch.nn.Module
+    task: str
+    layout: Layout
+    plan: LabelPlan
+    names: list[str]
+    matched: list[torch.Tensor]
+    target: list[torch.Tensor]
+    table: torch.Tensor
+    fixed_embeds: torch.Tensor
+    warnings: list[str]
+
+    def embed(self, free_embeds: torch.Tensor) -> torch.Tensor:
+        """Input embeddings: ``free_embeds`` at the free positions, the special tokens' rows elsewhere."""
+        return torch.where(self.layout.free[..., None], free_embeds, self.fixed_embeds)
+
+    def init_labels(self, generator: torch.Generator) -> list[torch.Tensor]:
+        """Random soft-label logits when labels are not hard-coded (none otherwise)."""
+        if self.plan.hard is not None:
+            return []
+        plan, (batch, seq_len) = self.plan, self.layout.fixed_ids.shape
+        classes = self.model.config.num_labels if self.task == "classification" else self.table.shape[0]
+        width = (classes if plan.classes is None else len(plan.classes)) + (plan.slots is not None)
+        shape = (batch, width) if self.task == "classification" else (batch, seq_len, width)
+        return [torch.randn(*shape, generator=generator)]
+
+    def loss(
+        self, embeds: torch.Tensor, label_leaves: Sequence[torch.Tensor], params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The task loss of the dummy batch ``embeds`` under the label plan."""
+        mask = self.layout.attention_mask
+        kwargs = {"inputs_embeds": embeds, "attention_mask": mask, "token_type_ids": torch.zeros_like(mask)}
+        if params is None:
+            logits = self.model(**kwargs).logits
+        else:
+            logits = torch.func.functional_call(self.model, params, (), kwargs).logits
+        if self.plan.hard is not None:
+            return task_loss(logits, self.plan.hard)
+        soft, label_mask = soft_labels(label_leaves[0], self.plan, self.layout, self.task, logits.shape[-1])
+        return task_loss(logits, soft, label_mask, self.plan.slots)
+
+    def gradients(
+        self, embeds: torch.Tensor, label_leaves: Sequence[torch.Tensor], *, create_graph: bool = True
+    ) -> Sequence[torch.Tensor]:
+        """Gradients of the matched parameters for the dummy batch (differentiable when ``create_graph``)."""
+        return torch.autograd.grad(self.loss(embeds, label_leaves), self.matched, create_graph=create_graph)
+
+
 class OptimizationAttack:
     """Recover token embeddings (and soft labels) whose gradient matches the update, then decode them."""
 
@@ -128,57 +206,56 @@ class OptimizationAttack:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
+    def prepare(self, update: Update, target: LoadedModel) -> GradientProblem:
+        """The gradient-matching problem an update poses: layout, labels, matched gradients (shared with lamp)."""
+        check_requirements(self.name, update, self.requires)
+        config, model = self.config, target.model
+        lengths, warnings = resolve_lengths(update, config.length)
+        layout = Layout.build(target.tokenizer, lengths, update.metadata.seq_len)
+        names = select_parameters(update, model, config.params)
+        params = dict(model.named_parameters())
+        table = model.get_input_embeddings().weight.detach()
+        return GradientProblem(
+            model=model,
+            task=update.metadata.task,
+            layout=layout,
+            plan=self._label_plan(update),
+            names=names,
+            matched=[params[n] for n in names],
+            target=[update.gradients[n].to(params[n].dtype) for n in names],
+            table=table,
+            fixed_embeds=table[layout.fixed_ids],
+            warnings=warnings,
+        )
+
     def reconstruct(
         self, update: Update, target: LoadedModel, *, progress: Progress | None = None
     ) -> Reconstruction:
-        check_requirements(self.name, update, self.requires)
-        config, model, tokenizer = self.config, target.model, target.tokenizer
-        task = update.metadata.task
-        lengths, warnings = resolve_lengths(update, config.length)
-        layout = Layout.build(tokenizer, lengths, update.metadata.seq_len)
-        plan = self._label_plan(update)
-        names = select_parameters(update, model, config.params)
-        params = dict(model.named_parameters())
-        matched = [params[n] for n in names]
-        target_grads = [update.gradients[n].to(params[n].dtype) for n in names]
-        table = model.get_input_embeddings().weight.detach()
-        fixed_embeds = table[layout.fixed_ids]
-        free = layout.free[..., None]
-        token_types = torch.zeros_like(layout.attention_mask)
-        batch, seq_len = layout.fixed_ids.shape
+        config, tokenizer = self.config, target.tokenizer
+        problem = self.prepare(update, target)
+        layout, table = problem.layout, problem.table
 
         def init(generator: torch.Generator) -> list[torch.Tensor]:
             scale = float(table.std()) * config.init_scale
-            leaves = [torch.randn(batch, seq_len, table.shape[1], generator=generator) * scale]
-            if plan.hard is None:
-                classes = model.config.num_labels if task == "classification" else table.shape[0]
-                width = (classes if plan.classes is None else len(plan.classes)) + (plan.slots is not None)
-                shape = (batch, width) if task == "classification" else (batch, seq_len, width)
-                leaves.append(torch.randn(*shape, generator=generator))
-            return leaves
+            return [
+                torch.randn(*layout.fixed_ids.shape, table.shape[1], generator=generator) * scale,
+                *problem.init_labels(generator),
+            ]
 
         def dummy_gradients(leaves: list[torch.Tensor]) -> Sequence[torch.Tensor]:
-            embeds = torch.where(free, leaves[0], fixed_embeds)
-            logits = model(
-                inputs_embeds=embeds, attention_mask=layout.attention_mask, token_type_ids=token_types
-            ).logits
-            if plan.hard is not None:
-                loss = task_loss(logits, plan.hard)
-            else:
-                soft, mask = self._soft_labels(leaves[1], plan, layout, task, logits.shape[-1])
-                loss = task_loss(logits, soft, mask, plan.slots)
-            return torch.autograd.grad(loss, matched, create_graph=True)
+            return problem.gradients(problem.embed(leaves[0]), leaves[1:])
 
         result = match_gradients(
             init=init,
             dummy_gradients=dummy_gradients,
-            target=target_grads,
+            target=problem.target,
             distance=self._distance(),
             config=config,
             progress=progress,
         )
-        is_mlm = task == "mlm"
-        allowed = allowed_tokens(tokenizer, table.shape[0], candidates=config.candidates, allow_mask=is_mlm)
+        allowed = allowed_tokens(
+            tokenizer, table.shape[0], candidates=config.candidates, allow_mask=problem.task == "mlm"
+        )
         free_ids = nearest_tokens(result.leaves[0], table, allowed, metric=config.decode)
         token_ids = layout.fill(free_ids)
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
@@ -193,12 +270,12 @@ class OptimizationAttack:
                 "per_iteration_s": result.seconds / max(result.iterations, 1),
             },
             config=config.to_dict(),
-            warnings=warnings + result.warnings,
+            warnings=problem.warnings + result.warnings,
             details={
                 "final_distance": result.loss,
                 "restart_distances": result.restart_losses,
-                "matched_parameters": len(names),
-                "labels": plan.source,
+                "matched_parameters": len(problem.names),
+                "labels": problem.plan.source,
             },
         )
 
@@ -225,29 +302,6 @@ class OptimizationAttack:
             if mode == "inferred":
                 raise CapabilityError(f"attack {self.name!r}: labels cannot be inferred (no output-bias gradient)")
         return LabelPlan(None, None, "unknown")
-
-    @staticmethod
-    def _soft_labels(
-        logits: torch.Tensor, plan: LabelPlan, layout: Layout, task: str, num_classes: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Dummy label distributions (restricted to ``plan.classes`` when given) and the slots that count.
-
-        all-tokens: special positions are labelled with their own (known) token, free positions softly.
-        mlm: which positions were masked is unknown, so every free position gets a soft label; with an estimated
-        masked count, each row has an extra "not masked" entry whose mass is dropped.
-        """
-        probs = logits.softmax(-1)
-        if plan.slots is not None:
-            probs = probs[..., :-1]
-        if plan.classes is not None:
-            full = torch.zeros(*probs.shape[:-1], num_classes, dtype=probs.dtype)
-            probs = full.scatter(-1, plan.classes.expand(*probs.shape[:-1], len(plan.classes)), probs)
-        if task == "classification":
-            return probs, None
-        if task == "mlm":
-            return probs, layout.free
-        one_hot = torch.nn.functional.one_hot(layout.fixed_ids, num_classes).to(probs.dtype)
-        return torch.where(layout.free[..., None], probs, one_hot), layout.attention_mask.bool()
 
 
 class DLG(OptimizationAttack):

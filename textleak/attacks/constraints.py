@@ -1,0 +1,223 @@
+"""Candidate constraints: side channels that narrow which token may sit at each free position.
+
+- ``embedding-rows``: rows of the word-embedding gradient that are non-zero belong to tokens of the batch (exact
+  when the embeddings are untied; with a tied MLM decoder, or under noise, the rows well above the median norm).
+- ``labels``: the output-bias leak (``leakage.label_bag``): the exact bag of input tokens for ``all-tokens``; for
+  ``mlm`` the masked-out tokens, which must be in the batch but do not narrow the rest (added to other sets).
+- ``positions`` (B = 1 only): per position, the ``top_k`` batch tokens (embedding rows) whose word-embedding
+  gradient row points the way of that position's position-embedding gradient row: both are sums of the gradient at
+  the embedding layer's input, so a token that occurs once has exactly its position's row (with B > 1 a position
+  row sums the whole batch).
+- ``span``: per position, the ``top_k`` tokens of lowest first-layer span residual (``span_scoring``); the rank is
+  capped at the number of tokens, so the sets stay usable when noise hides the true rank.
+- ``all``: every available source: the span sets intersected with the vocabulary sets where that leaves something.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from textleak.attacks.layout import Layout
+from textleak.attacks.leakage import label_bag
+from textleak.attacks.span_scoring import (
+    SpanBasis,
+    candidate_residuals,
+    embedding_parts,
+    qkv_gradient_names,
+    span_basis,
+    stacked_gradient,
+)
+from textleak.update import Update
+
+CONSTRAINTS = ("none", "embedding-rows", "labels", "positions", "span", "all")
+POSITION_EMBEDDINGS = "position_embeddings.weight"
+WORD_EMBEDDINGS = "word_embeddings.weight"
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """Token ids from one side channel: ``exact`` (the batch's tokens), or ``subset`` (some of them), or neither
+    (an approximate superset)."""
+
+    ids: list[int]
+    exact: bool
+    subset: bool = False
+
+
+@dataclass
+class Candidates:
+    """Allowed tokens per (sequence, position) (``allowed``: (B, L, V) bool, None = unconstrained) and a record."""
+
+    allowed: torch.Tensor | None
+    details: dict[str, Any] = field(default_factory=dict)
+    required: list[int] = field(default_factory=list)  # tokens known to occur in the batch
+    warnings: list[str] = field(default_factory=list)
+
+    def padded(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate ids (B, L, C) padded to the widest free position, and which entries are real."""
+        assert self.allowed is not None
+        width = int(self.allowed[layout.free].sum(-1).max())
+        ids = torch.zeros(*layout.free.shape, width, dtype=torch.long)
+        valid = torch.zeros(*layout.free.shape, width, dtype=torch.bool)
+        for b, p in layout.free.nonzero().tolist():
+            tokens = self.allowed[b, p].nonzero().flatten()
+            ids[b, p, : len(tokens)] = tokens
+            valid[b, p, : len(tokens)] = True
+        return ids, valid
+
+
+def embedding_row_tokens(update: Update, ratio: float) -> TokenSet | None:
+    """Tokens whose word-embedding gradient row is non-zero (above ``ratio`` x the median row norm if that is not 0)."""
+    grads = [g for n, g in update.gradients.items() if n.endswith(WORD_EMBEDDINGS)]
+    if not grads:
+        return None
+    norms = grads[0].to(torch.float64).norm(dim=-1)
+    median = float(norms.median())
+    present = (norms > ratio * median).nonzero().flatten().tolist()
+    return TokenSet(present, exact=median == 0.0) if present else None
+
+
+def label_tokens(update: Update) -> TokenSet | None:
+    """The output-bias label bag where labels are tokens: exact for ``all-tokens``, a subset for ``mlm``."""
+    task = update.metadata.task
+    if task == "classification":
+        return None
+    bag = label_bag(update)
+    return TokenSet(bag, exact=task == "all-tokens", subset=task == "mlm") if bag else None
+
+
+def position_row_tokens(update: Update, layout: Layout, rows: TokenSet | None, top_k: int) -> torch.Tensor | None:
+    """(L, k) batch tokens whose word-embedding gradient row is most aligned (cosine) with each position's row."""
+    word = [g for n, g in update.gradients.items() if n.endswith(WORD_EMBEDDINGS)]
+    position = [g for n, g in update.gradients.items() if n.endswith(POSITION_EMBEDDINGS)]
+    if rows is None or not word or not position:
+        return None
+    tokens = torch.tensor(rows.ids, dtype=torch.long)
+    word_rows = torch.nn.functional.normalize(word[0][tokens].to(torch.float64), dim=-1)
+    position_rows = torch.nn.functional.normalize(position[0][: layout.fixed_ids.shape[1]].to(torch.float64), dim=-1)
+    best = (position_rows @ word_rows.T).topk(min(top_k, len(tokens)), dim=1).indices
+    return tokens[best]
+
+
+def span_position_tokens(update: Update, model: torch.nn.Module, layout: Layout, top_k: int) -> torch.Tensor | None:
+    """(L, top_k) token ids of lowest first-layer span residual per position; None without layer-0 gradients."""
+    try:
+        stacked = stacked_gradient(update, qkv_gradient_names(model, 0))
+    except ValueError:
+        return None
+    span = span_basis(stacked)
+    tokens = int(layout.attention_mask.sum())
+    if span.rank > tokens:  # noise fills the spectrum: keep the strongest directions, at most one per token
+        span = SpanBasis(span.basis[:, :tokens].contiguous(), span.spectrum, tokens, span.gap)
+    _, ids = candidate_residuals(embedding_parts(model), span, layout.fixed_ids.shape[1], [0], keep=top_k)
+    return ids[:, 0]
+
+
+def build_candidates(
+    update: Update,
+    model: torch.nn.Module,
+    layout: Layout,
+    base: torch.Tensor,
+    mode: str,
+    *,
+    row_ratio: float = 2.0,
+    top_k: int = 8,
+    position_top_k: int = 3,
+) -> Candidates:
+    """Combine the side channels ``mode`` selects into allowed tokens per free position (within ``base``, (V,))."""
+    if mode not in CONSTRAINTS:
+        raise ValueError(f"constraints must be one of {CONSTRAINTS}, got {mode!r}")
+    details: dict[str, Any] = {"constraints": mode, "sources": []}
+    warnings: list[str] = []
+    if mode == "none":
+        return Candidates(None, details)
+    vocab = base.shape[0]
+    sets: list[TokenSet] = []
+    rows = embedding_row_tokens(update, row_ratio)
+    if mode in ("embedding-rows", "all"):
+        details["embedding_rows"] = None if rows is None else {"size": len(rows.ids), "exact": rows.exact}
+        if rows is None:
+            warnings.append("constraint embedding-rows: the update has no usable word-embedding gradient")
+        else:
+            sets.append(rows)
+    if mode in ("labels", "all"):
+        labels = label_tokens(update)
+        details["labels"] = None if labels is None else {"size": len(labels.ids), "exact": labels.exact}
+        if labels is not None:
+            sets.append(labels)
+        elif update.metadata.task != "classification":
+            warnings.append("constraint labels: the labels are not tokens, or the output-bias gradient is missing")
+    vocabulary = _combine(sets, vocab)
+    required = sorted({t for s in sets if s.exact or s.subset for t in s.ids if bool(base[t])})
+    if vocabulary is not None and any(s.exact for s in sets):
+        required = [t for t in required if bool(vocabulary[t])]
+    per_position = None
+    if mode in ("positions", "all") and layout.fixed_ids.shape[0] > 1:
+        warnings.append("constraint positions: with B > 1 each position row mixes the batch; not used")
+    elif mode in ("positions", "all"):
+        position_ids = position_row_tokens(update, layout, rows, position_top_k)
+        details["position_top_k"] = None if position_ids is None else position_top_k
+        if position_ids is None:
+            warnings.append("constraint positions: the update lacks word- or position-embedding gradients")
+        else:
+            per_position = _mask(position_ids, vocab)
+    if mode in ("span", "all"):
+        span_ids = span_position_tokens(update, model, layout, top_k)
+        details["span_top_k"] = None if span_ids is None else top_k
+        if span_ids is None:
+            warnings.append("constraint span: the update has no first-layer query/key/value gradients")
+        else:
+            span_mask = _mask(span_ids, vocab)
+            both = None if per_position is None else per_position & span_mask
+            # where the span sets (noisy) and the position sets disagree entirely, keep the position sets
+            per_position = span_mask if both is None else torch.where(both.any(-1, keepdim=True), both, per_position)
+    if vocabulary is None and per_position is None:
+        return Candidates(None, details, required=required, warnings=warnings)
+    sources = ("embedding_rows", "labels", "position_top_k", "span_top_k")
+    details["sources"] = [s for s in sources if details.get(s) is not None]
+    allowed = base.expand(*layout.free.shape, vocab).clone()
+    if vocabulary is not None:
+        allowed &= vocabulary
+    if per_position is not None:
+        narrowed = allowed & per_position[None]
+        keep = narrowed.any(-1, keepdim=True)  # a noisy span set may miss the vocabulary: keep the wider one
+        allowed = torch.where(keep, narrowed, allowed if vocabulary is not None else base.expand_as(allowed))
+    empty = ~allowed.any(-1, keepdim=True)
+    allowed = torch.where(empty, base.expand_as(allowed), allowed)
+    sizes = allowed[layout.free].sum(-1).to(torch.float64)
+    details.update(
+        vocabulary_size=None if vocabulary is None else int((vocabulary & base).sum()),
+        per_position_mean=float(sizes.mean()),
+        per_position_max=int(sizes.max()),
+        required_tokens=len(required),
+    )
+    return Candidates(allowed, details, required=required, warnings=warnings)
+
+
+def _mask(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(L, V) boolean mask from (L, k) token ids."""
+    return torch.zeros(ids.shape[0], vocab, dtype=torch.bool).scatter_(1, ids, True)
+
+
+def _combine(sets: list[TokenSet], vocab: int) -> torch.Tensor | None:
+    """One vocabulary mask: exact sets intersected; else approximate supersets united with the known subsets.
+
+    Subsets alone (mlm labels without another source) narrow nothing: None.
+    """
+    if not any(not s.subset for s in sets):
+        return None
+    exact = [s for s in sets if s.exact]
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    if exact:
+        mask[:] = True
+        for s in exact:
+            part = torch.zeros(vocab, dtype=torch.bool)
+            part[torch.tensor(s.ids, dtype=torch.long)] = True
+            mask &= part
+        return mask
+    for s in sets:
+        mask[torch.tensor(s.ids, dtype=torch.long)] = True
+    return mask
