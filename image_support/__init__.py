@@ -10,6 +10,7 @@ from image_support.client import ImageTruth, capture_image_update
 from image_support.datasets import DATASETS, STATS, DatasetError, ImageDataset, load_dataset
 from image_support.metrics import evaluate_images, mse, psnr, save_grid, ssim
 from image_support.models import ARCHITECTURES, ImageClassifier, image_source, load_image_model
+from image_support.progress import SnapshotRecorder, save_progress
 
 __all__ = [
     "ARCHITECTURES",
@@ -22,6 +23,7 @@ __all__ = [
     "ImageDataset",
     "ImageReconstruction",
     "ImageTruth",
+    "SnapshotRecorder",
     "capture_image_update",
     "evaluate_images",
     "image_source",
@@ -31,5 +33,6 @@ __all__ = [
     "psnr",
     "recover_labels",
     "save_grid",
+    "save_progress",
     "ssim",
 ]

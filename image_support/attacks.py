@@ -2,7 +2,8 @@
 
 Dummy images are optimised in the data set's normalised space, as in the papers (so learning rates and the
 N(0, 1) initialisation mean the same); the model is fed ``mean + std * z`` and normalises it back. The box
-constraint keeps ``z`` inside the normalised image of [0, 1]. Results are pixel images in [0, 1].
+constraint keeps ``z`` inside the normalised image of [0, 1]. Results are pixel images in [0, 1], on the CPU;
+the optimisation runs on the model's device (the dummies are drawn on the CPU, so a seed means the same start).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from torch.nn import functional
 
 from image_support.models import ImageClassifier
+from image_support.progress import SnapshotRecorder
 from textleak.attacks.base import Progress, check_requirements
 from textleak.attacks.loop import LoopConfig, match_gradients
 from textleak.attacks.optimization import cosine_distance, l2_distance
@@ -73,8 +75,8 @@ def recover_labels(update: Update, model: ImageClassifier) -> list[int]:
         return [int(signal.argmin())]
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        probe = model.mean + model.std * torch.randn(64, *model.shape, generator=generator)
-        mean_softmax = model(probe).softmax(dim=1).mean(dim=0).double()
+        probe = model.mean + model.std * torch.randn(64, *model.shape, generator=generator).to(model.mean.device)
+        mean_softmax = model(probe).softmax(dim=1).mean(dim=0).double().cpu()
     counts = (batch * (mean_softmax - signal)).clamp_min(0)
     whole = counts.floor()
     order = torch.argsort(counts - whole, descending=True).tolist()
@@ -154,32 +156,45 @@ class GradientInversion:
         return None, mode
 
     def reconstruct(
-        self, update: Update, model: ImageClassifier, *, progress: Progress | None = None
+        self,
+        update: Update,
+        model: ImageClassifier,
+        *,
+        progress: Progress | None = None,
+        snapshots: SnapshotRecorder | None = None,
     ) -> ImageReconstruction:
-        """Reconstruct the client's batch from ``update`` using the same ``model``."""
+        """Reconstruct the client's batch from ``update`` using the same ``model`` (on its device);
+        ``snapshots`` records the reconstruction every few iterations."""
         check_requirements(self.name, update, self.requires)
         config = self.config
+        device = model.mean.device
         hard, label_source = self._labels(update, model)
         params = dict(model.named_parameters())
         names = [n for n in update.gradients if n in params]
         matched = [params[n] for n in names]
-        target = [update.gradients[n].to(params[n].dtype) for n in names]
+        target = [update.gradients[n].to(device=device, dtype=params[n].dtype) for n in names]
         batch, classes = update.metadata.batch_size, _last_linear(model)[1].out_features
         low, high = (0 - model.mean) / model.std, (1 - model.mean) / model.std
         distance = DISTANCES[config.distance]
+        hard_on_device = hard.to(device) if hard is not None else None
+
+        def to_image(z: torch.Tensor) -> torch.Tensor:
+            return (model.mean + model.std * torch.maximum(torch.minimum(z, high), low)).clamp(0, 1)
 
         def init(generator: torch.Generator) -> list[torch.Tensor]:
-            leaves = [torch.randn(batch, *model.shape, generator=generator)]
+            leaves = [torch.randn(batch, *model.shape, generator=generator).to(device)]
             if hard is None:
-                leaves.append(torch.randn(batch, classes, generator=generator))
+                leaves.append(torch.randn(batch, classes, generator=generator).to(device))
             return leaves
 
         def dummy_gradients(leaves: list[torch.Tensor]) -> Sequence[torch.Tensor]:
             if config.box:  # project the previous step back into the box before evaluating this one
                 with torch.no_grad():
                     leaves[0].copy_(torch.maximum(torch.minimum(leaves[0], high), low))
+            if snapshots is not None:
+                snapshots.watch(leaves[0], to_image)
             z = _SignedGradient.apply(leaves[0]) if config.signed else leaves[0]
-            labels = hard if hard is not None else leaves[1].softmax(dim=1)
+            labels = hard_on_device if hard_on_device is not None else leaves[1].softmax(dim=1)
             loss = functional.cross_entropy(model(model.mean + model.std * z), labels)
             grads = list(torch.autograd.grad(loss, matched, create_graph=True))
             # the prior rides along as one extra entry so a signed step sees the sign of the *total* gradient
@@ -195,13 +210,12 @@ class GradientInversion:
             target=target,
             distance=objective,
             config=config,
-            progress=progress,
+            progress=snapshots.progress(progress) if snapshots is not None else progress,
         )
-        z = torch.maximum(torch.minimum(result.leaves[0], high), low)
         labels = hard.tolist() if hard is not None else result.leaves[1].argmax(dim=1).tolist()
         return ImageReconstruction(
             attack=self.name,
-            images=(model.mean + model.std * z).clamp(0, 1).detach(),
+            images=to_image(result.leaves[0]).detach().cpu(),
             labels=[int(v) for v in labels],
             loss_curve=result.curve,
             timings={
@@ -279,9 +293,16 @@ class AnalyticFC:
         return f"AnalyticFC(tolerance={self.tolerance})"
 
     def reconstruct(
-        self, update: Update, model: ImageClassifier, *, progress: Progress | None = None
+        self,
+        update: Update,
+        model: ImageClassifier,
+        *,
+        progress: Progress | None = None,
+        snapshots: SnapshotRecorder | None = None,
     ) -> ImageReconstruction:
-        """Recover each image of the batch from the first layer's gradients; labels from the last layer."""
+        """Recover each image of the batch from the first layer's gradients; labels from the last layer.
+
+        Closed form, so ``snapshots`` gets the answer alone, as iteration 0."""
         check_requirements(self.name, update, self.requires)
         start = time.perf_counter()
         name, layer = next((n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(False)))
@@ -314,7 +335,9 @@ class AnalyticFC:
             else [f"only {len(chosen)} distinct inputs found for a batch of {update.metadata.batch_size}"]
         )
         z = torch.stack(chosen).float().view(-1, *model.shape)
-        images = (z * model.std + model.mean).clamp(0, 1)
+        images = (z * model.std.cpu() + model.mean.cpu()).clamp(0, 1)
+        if snapshots is not None:
+            snapshots.watch(images, lambda x: x)
         return ImageReconstruction(
             attack=self.name,
             images=images,

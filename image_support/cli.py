@@ -19,6 +19,7 @@ from image_support.datasets import DATASETS, load_dataset
 from image_support.experiment import attack_images
 from image_support.metrics import save_grid
 from image_support.models import ARCHITECTURES
+from image_support.progress import SnapshotRecorder, save_progress
 from textleak.errors import TextleakError
 
 
@@ -48,7 +49,15 @@ def add_image_attack_parser(subparsers: argparse._SubParsersAction) -> argparse.
     parser.add_argument("--known-labels", action="store_true", help="the attacker knows the labels")
     parser.add_argument("--option", type=_option, action="append", default=[], help="attack option key=value")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="where the attacker optimises, e.g. cuda (client: CPU)")
     parser.add_argument("--out", type=Path, help="folder for the PNG grid (truth above, reconstruction below)")
+    parser.add_argument(
+        "--progress-every",
+        type=int,
+        metavar="N",
+        help="snapshot the reconstruction every N iterations; writes a PNG strip and an animated GIF into --out "
+        "(default: the current folder) as <dataset>_<model>_<attack>_<index>_progress.png/.gif",
+    )
     parser.add_argument("--json", type=Path, help="write the scores and the full configuration as JSON")
     return parser
 
@@ -58,6 +67,10 @@ def run_image_attack(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(args.option)
+    if args.progress_every is not None and args.progress_every < 1:
+        print("textleak: error: --progress-every must be >= 1", file=sys.stderr)
+        return 2
+    recorder = SnapshotRecorder(args.progress_every) if args.progress_every else None
     if args.attack != "analytic-fc":
         options.setdefault("seed", args.seed)
         for key in ("iterations", "restarts"):
@@ -74,6 +87,8 @@ def run_image_attack(args: argparse.Namespace) -> int:
             model_seed=args.seed,
             attack_options=options,
             labels_known=args.known_labels,
+            snapshots=recorder,
+            device=args.device,
         )
     except (TextleakError, ValueError) as error:
         print(f"textleak: error: {error}", file=sys.stderr)
@@ -95,6 +110,10 @@ def run_image_attack(args: argparse.Namespace) -> int:
             args.out / f"{args.dataset}_{args.model}_{args.attack}_{args.index}.png",
         )
         print(f"wrote {path}")
+    if recorder is not None:
+        stem = (args.out or Path(".")) / f"{args.dataset}_{args.model}_{args.attack}_{args.index}_progress"
+        paths = save_progress(recorder, stem, truth=run.truth.images)
+        print(f"wrote {', '.join(map(str, paths))} ({len(recorder.frames)} snapshots: iterations {recorder.steps})")
     if args.json:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
         args.json.write_text(json.dumps({"config": config, "indices": indices, **run.to_dict()}, indent=2))

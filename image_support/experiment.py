@@ -17,6 +17,7 @@ from image_support.client import ImageTruth, capture_image_update
 from image_support.datasets import ImageDataset
 from image_support.metrics import evaluate_images
 from image_support.models import SHAPES, image_source, load_image_model
+from image_support.progress import SnapshotRecorder
 from textleak.attacks.base import Progress
 from textleak.defenses.base import Defense
 from textleak.errors import unknown_name
@@ -53,10 +54,14 @@ def attack_images(
     labels_known: bool = False,
     defenses: Sequence[Defense] = (),
     progress: Progress | None = None,
+    snapshots: SnapshotRecorder | None = None,
+    device: str | torch.device = "cpu",
 ) -> ImageRun:
     """Attack the update of a client holding ``dataset[indices]`` on model ``image:<arch>:<model_data>``.
 
-    ``model_data`` defaults to the data set's name (its shape and normalisation), or the images' CxHxW.
+    ``model_data`` defaults to the data set's name (its shape and normalisation), or the images' CxHxW. The client
+    computes its update on the CPU; the attacker optimises on ``device``. ``snapshots`` records the reconstruction
+    as it goes; its frames are put in the truth's order, like the scores.
     """
     if attack not in IMAGE_ATTACKS:
         raise unknown_name("image attack", attack, IMAGE_ATTACKS)
@@ -70,8 +75,12 @@ def attack_images(
     update, truth = capture_image_update(
         source, images, labels, labels_known=labels_known, defenses=defenses, model=model
     )
-    reconstruction = IMAGE_ATTACKS[attack](**(attack_options or {})).reconstruct(update, model, progress=progress)
+    reconstruction = IMAGE_ATTACKS[attack](**(attack_options or {})).reconstruct(
+        update, model.to(device), progress=progress, snapshots=snapshots
+    )
     scores = evaluate_images(
         reconstruction.images, truth.images, recon_labels=reconstruction.labels, truth_labels=truth.labels.tolist()
     )
+    if snapshots is not None:
+        snapshots.reorder(scores["order"])
     return ImageRun(update, truth, reconstruction, scores)

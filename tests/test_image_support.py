@@ -15,6 +15,7 @@ from PIL import Image
 from image_support import (
     IMAGE_ATTACKS,
     DatasetError,
+    SnapshotRecorder,
     capture_image_update,
     evaluate_images,
     image_source,
@@ -23,6 +24,7 @@ from image_support import (
     psnr,
     recover_labels,
     save_grid,
+    save_progress,
     ssim,
 )
 from image_support.datasets import load_cifar, load_image_folder, load_mnist, read_idx
@@ -245,6 +247,24 @@ def test_inverting_gradients_runs_boxed_signed_and_deterministic() -> None:
         IMAGE_ATTACKS["dlg"](no_such_option=1)
 
 
+def test_progress_snapshots_write_a_strip_and_a_gif(tmp_path: Path) -> None:
+    source = image_source("mlp", "1x6x6", seed=0)
+    model = load_image_model(source)
+    images = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    update, truth = capture_image_update(source, images, torch.tensor([3, 5]), labels_known=True)
+    recorder = SnapshotRecorder(every=2)
+    result = IMAGE_ATTACKS["dlg"](iterations=5).reconstruct(update, model, snapshots=recorder)
+    assert recorder.steps == [0, 2, 4, 5] and all(f.shape == (2, 1, 6, 6) for f in recorder.frames)
+    assert torch.equal(recorder.frames[-1], result.images) and not torch.equal(recorder.frames[0], result.images)
+    png, gif = save_progress(recorder, tmp_path / "run", truth=truth.images, scale=2)
+    with Image.open(png) as strip:  # 4 snapshots + the truth as columns, 2 rows, a 12-pixel label band
+        assert strip.size == (2 * (5 * 8 + 2), 2 * (2 * 8 + 2) + 12)
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 4
+    with pytest.raises(ValueError, match=">= 1"):
+        SnapshotRecorder(every=0)
+
+
 # --- metrics -----------------------------------------------------------------------------------------------------
 
 
@@ -319,6 +339,11 @@ def test_cli_image_attack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["indices"] == [1, 2] and record["scores"]["mean_psnr"] > 90
     assert (tmp_path / "out" / "mnist_mlp_analytic-fc_1.png").is_file()
+    progress = [*argv[:7], "--attack", "dlg", "--index", "1", "--iterations", "3", "--progress-every", "2"]
+    assert main([*progress, "--out", str(tmp_path)]) == 0
+    with Image.open(tmp_path / "mnist_mlp_dlg_1_progress.gif") as animation:
+        assert animation.n_frames == 3  # iterations 0, 2 and 3
+    assert (tmp_path / "mnist_mlp_dlg_1_progress.png").is_file()
     argv[4] = str(tmp_path / "missing")
     assert main(argv) == 2
     assert "expected" in capsys.readouterr().err
