@@ -270,7 +270,8 @@ def _paired(
     threshold: float,
 ) -> list[list[int]]:
     """Per position, the bag's tokens whose pairing share there is at least ``floor`` and which pass the layer-1
-    check there, largest share first; a position where none qualifies keeps its layer-1 candidates."""
+    check there, largest share first, then the position's other layer-1 candidates (a poor fit, as on randomly
+    initialised models whose word gradients are nearly collinear, then costs search time, never a lost token)."""
     out = []
     for p, fallback in enumerate(passing):
         ranked = [t for t, _ in pairing.ranked(p, floor)]
@@ -280,7 +281,7 @@ def _paired(
                 parts, torch.tensor(ranked), torch.full((n,), p), torch.full((n,), token_type, dtype=torch.long)
             )
             ranked = [t for t, r in zip(ranked, span.residual(rows).tolist(), strict=True) if r <= threshold]
-        out.append(ranked or fallback)
+        out.append(ranked + [t for t in fallback if t not in ranked])
     return out
 
 
