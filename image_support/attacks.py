@@ -218,11 +218,7 @@ class GradientInversion:
             images=to_image(result.leaves[0]).detach().cpu(),
             labels=[int(v) for v in labels],
             loss_curve=result.curve,
-            timings={
-                "total_s": result.seconds,
-                "iterations": result.iterations,
-                "per_iteration_s": result.seconds / max(result.iterations, 1),
-            },
+            timings=result.timings(),
             config=config.to_dict(),
             warnings=result.warnings,
             details={

@@ -23,32 +23,20 @@ from pathlib import Path
 import torch
 
 from textleak.attacks import get_attack
-from textleak.data import read_cola
+from textleak.evaluation.sources import BENCHMARKS, load_benchmark
 from textleak.experiment import attack_sentences
 from textleak.models import load_model
 from textleak.priors import train_ngram
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = ("cola", "sst2", "rt")
+DATASETS = BENCHMARKS
 METRICS = ("rouge1", "rouge2", "token_accuracy", "bag_f1", "exact_match")
 
 
 def read_dataset(root: Path, name: str, limit: int) -> tuple[list[str], list[int]]:
-    """The first ``limit`` (sentence, label) pairs of a dev set; Rotten Tomatoes interleaves its two files."""
-    if name == "cola":
-        return read_cola(root / "cola" / "dev.tsv", limit=limit)
-    if name == "sst2":
-        lines = (root / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
-        pairs = [(text.strip(), int(label)) for text, label in (line.rsplit("\t", 1) for line in lines)]
-    elif name == "rt":
-        folder = root / "rotten_tomatoes"
-        pos = (folder / "rt-polarity.pos").read_text(encoding="latin-1").splitlines()
-        neg = (folder / "rt-polarity.neg").read_text(encoding="latin-1").splitlines()
-        pairs = [pair for p, n in zip(pos, neg, strict=False) for pair in ((p.strip(), 1), (n.strip(), 0))]
-    else:
-        raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
-    pairs = pairs[:limit]
-    return [s for s, _ in pairs], [y for _, y in pairs]
+    """The first ``limit`` sentences and labels of a dev set, read by the evaluation harness's loader."""
+    data = load_benchmark(name, root)
+    return list(data.sentences[:limit]), list((data.labels or ())[:limit])
 
 
 def parse_args() -> argparse.Namespace:

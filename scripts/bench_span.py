@@ -22,28 +22,19 @@ from tqdm import tqdm
 
 from textleak.attacks.span import SpanAttack
 from textleak.client import simulate_client
+from textleak.evaluation.sources import BENCHMARKS, load_benchmark
 from textleak.metrics import score_batch
 from textleak.models import load_model
 from textleak.tasks import head_for
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = ("cola", "sst2", "rt")
+DATASETS = BENCHMARKS
 
 
 def read_dataset(root: Path, name: str) -> list[tuple[str, int]]:
-    """(sentence, label) pairs in file order; Rotten Tomatoes interleaves its positive and negative files."""
-    if name == "cola":
-        rows = [line.rstrip("\n").split("\t") for line in (root / "cola" / "dev.tsv").open(encoding="utf-8")]
-        return [(row[3], int(row[1])) for row in rows if len(row) >= 4]
-    if name == "sst2":
-        lines = (root / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
-        return [(text.strip(), int(label)) for text, label in (line.rsplit("\t", 1) for line in lines)]
-    if name == "rt":
-        folder = root / "rotten_tomatoes"
-        pos = (folder / "rt-polarity.pos").read_text(encoding="utf-8").splitlines()
-        neg = (folder / "rt-polarity.neg").read_text(encoding="utf-8").splitlines()
-        return [pair for p, n in zip(pos, neg, strict=False) for pair in ((p.strip(), 1), (n.strip(), 0))]
-    raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
+    """(sentence, label) pairs in file order, read by the evaluation harness's loader."""
+    data = load_benchmark(name, root)
+    return list(zip(data.sentences, data.labels or (), strict=True))
 
 
 def run_setting(target, data, *, task: str, batch_size: int, batches: int, seed: int, attack: SpanAttack) -> dict:

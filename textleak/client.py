@@ -172,6 +172,30 @@ def package_update(
     return Update(gradients, metadata), truth
 
 
+def encode_request(
+    target: LoadedModel,
+    sentences: Sequence[str],
+    *,
+    task: str,
+    labels: Sequence[int] | None,
+    seed: int,
+    max_length: int | None,
+    mlm_probability: float,
+    reveal: Sequence[str],
+) -> tuple[ClientBatch, torch.Tensor]:
+    """Check a client request, then encode its batch: the first step of every client, defended or not."""
+    check_request(target, task, reveal)
+    return encode_batch(
+        target.tokenizer,
+        sentences,
+        task=task,
+        labels=labels,
+        seed=seed,
+        max_length=max_length,
+        mlm_probability=mlm_probability,
+    )
+
+
 def simulate_client(
     target: LoadedModel,
     sentences: Sequence[str],
@@ -187,15 +211,15 @@ def simulate_client(
 
     ``reveal`` lists what the attacker is assumed to know besides the gradients: ``lengths`` and/or ``labels``.
     """
-    check_request(target, task, reveal)
-    batch, original = encode_batch(
-        target.tokenizer,
+    batch, original = encode_request(
+        target,
         sentences,
         task=task,
         labels=labels,
         seed=seed,
         max_length=max_length,
         mlm_probability=mlm_probability,
+        reveal=reveal,
     )
     gradients = batch_gradients(target.model, batch)
     return package_update(target, sentences, batch, original, gradients, seed=seed, reveal=reveal)

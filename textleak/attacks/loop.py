@@ -58,6 +58,14 @@ class LoopResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
 
+    def timings(self) -> dict[str, float]:
+        """Wall-clock seconds in total and per iteration, and the iteration count, for a reconstruction."""
+        return {
+            "total_s": self.seconds,
+            "iterations": self.iterations,
+            "per_iteration_s": self.seconds / max(self.iterations, 1),
+        }
+
 
 def _make_optimizer(leaves: list[torch.Tensor], config: LoopConfig) -> torch.optim.Optimizer:
     if config.optimizer == "lbfgs":

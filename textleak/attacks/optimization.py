@@ -264,11 +264,7 @@ class OptimizationAttack:
             token_ids=token_ids,
             texts=texts,
             loss_curve=result.curve,
-            timings={
-                "total_s": result.seconds,
-                "iterations": result.iterations,
-                "per_iteration_s": result.seconds / max(result.iterations, 1),
-            },
+            timings=result.timings(),
             config=config.to_dict(),
             warnings=problem.warnings + result.warnings,
             details={

@@ -1,7 +1,7 @@
 """The text client with defenses: what a defended deployment sends for a batch of sentences.
 
 This is the only text-aware part of ``textleak.defenses``: it turns sentences into the ``TrainingData`` a client
-procedure needs (``encode_batch``, one-example batches, ``batch_loss``), then applies the defenses in order.
+procedure needs (``encode_request``, one-example batches, ``batch_loss``), then applies the defenses in order.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from textleak.client import (
     GroundTruth,
     batch_gradients,
     batch_loss,
-    check_request,
-    encode_batch,
+    encode_request,
     package_update,
 )
 from textleak.defenses import as_defenses
@@ -64,15 +63,15 @@ def _one_client(
     mlm_probability: float,
     reveal: Sequence[str],
 ) -> tuple[Update, GroundTruth]:
-    check_request(target, task, reveal)
-    batch, original = encode_batch(
-        target.tokenizer,
+    batch, original = encode_request(
+        target,
         sentences,
         task=task,
         labels=labels,
         seed=seed,
         max_length=max_length,
         mlm_probability=mlm_probability,
+        reveal=reveal,
     )
     procedure = bool(defenses) and isinstance(defenses[0], ClientProcedure)
     # a client procedure (dpsgd, fedavg) computes the update itself: the plain gradient would be thrown away

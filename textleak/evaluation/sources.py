@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from textleak.data import read_cola
+
 BENCHMARKS = ("cola", "sst2", "rt")
 ALIASES = {"sst-2": "sst2", "rotten_tomatoes": "rt", "rotten-tomatoes": "rt"}
 SENTENCE_COLUMNS = ("sentence", "text")
@@ -110,14 +112,7 @@ def load_benchmark(name: str, data_root: str | Path, *, split: str = "dev") -> T
         # GLUE's CoLA dev.tsv is the in-domain dev set; some copies append the out-of-domain one: prefer the former.
         candidates = ("in_domain_dev.tsv", "dev.tsv") if split == "dev" else (f"{split}.tsv",)
         path = _first_file(root / "cola", candidates, "CoLA")
-        sentences, labels = [], []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                fields = line.split("\t")
-                if len(fields) < 4:
-                    raise ValueError(f"{path}:{number}: expected 4 tab-separated CoLA columns, found {len(fields)}")
-                labels.append(_label(fields[1], path, number))
-                sentences.append(fields[3].strip())
+        sentences, labels = read_cola(path)
         return TextDataset("cola", tuple(sentences), tuple(labels), str(path))
     if name == "sst2":
         path = _first_file(root / "sst2", (f"{split}.tsv",), "SST-2")
