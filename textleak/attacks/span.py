@@ -4,7 +4,8 @@
    (token, position, type) candidate is scored by its relative residual against that span (span_scoring).
 2. [SEP] candidates give the sentence lengths; padding contributes nothing to the gradient.
 3. For B > 1 the per-position candidates are assembled into sentences with the second layer's span
-   (span_assembly); for B = 1 the same check confirms the single answer.
+   (span_assembly); for B = 1 the same check confirms the single answer. Before that, sentences are grown around
+   tokens that occur once in the batch, guided by the first attention layer's per-token gradients (span_attention).
 4. For mlm updates the masked-out labels are placed at the masked positions (mlm_labels).
 """
 
@@ -20,7 +21,8 @@ import torch
 
 from textleak.attacks.base import Progress, Reconstruction, check_requirements
 from textleak.attacks.mlm_labels import recover_originals
-from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch, assemble
+from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch, assemble, assemble_by_anchors
+from textleak.attacks.span_attention import attention_test
 from textleak.attacks.span_pairing import Pairing, pair_tokens
 from textleak.attacks.span_scoring import (
     EmbeddingParts,
@@ -39,6 +41,8 @@ from textleak.update import Update
 DEAD = 1e-2
 #: A pairing share above this marks a token that occurs once in the batch, at that position.
 UNIQUE_SHARE = 0.9
+#: Sentence lengths tried around anchors: [SEP] positions holding at least this pairing share of [SEP]'s gradient.
+ANCHOR_SEP_SHARE = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +55,8 @@ class SpanConfig:
     a true token's typical layer-1 residual, within [1e-5, 1e-2]). max_candidates: tokens kept per position;
     restarts: random restarts of the per-sentence search (seeded). pairing: for B > 1, order and narrow each
     position's candidates by the embedding gradients' token-position pairing (span_pairing), keeping tokens whose
-    share there is at least ``pair_floor``. time_limit: seconds for the sentence search, after which the best
+    share there is at least ``pair_floor``. attention: for B > 1, first grow a sentence around each token that occurs
+    once (needs pairing) with the first attention layer's per-token gradients (span_attention). time_limit: seconds for the sentence search, after which the best
     answer so far is returned with a warning (None: no limit).
     """
 
@@ -65,6 +70,7 @@ class SpanConfig:
     chunk: int = 4096
     pairing: bool = True
     pair_floor: float = 0.01
+    attention: bool = True
     time_limit: float | None = None
 
     def __post_init__(self) -> None:
@@ -195,7 +201,19 @@ class SpanAttack:
             seed=cfg.seed,
             time_limit=cfg.time_limit,
         )
-        accepted, rejected = assemble(search, lengths, options_for, meta.batch_size)
+        anchored: list[Found] = []
+        if cfg.attention and single:
+            clock_anchor = time.perf_counter()
+            bag = sorted({t for tokens in passing for t in tokens})
+            test = attention_test(model, update, parts, bag, meta.seq_len, types)
+            if test is not None:
+                anchors = sorted((t, p) for t, p in single if t not in (sep, cls, pad))
+                anchors.sort(key=lambda pair: (pair[1], pair[0]))
+                ends = {p + 1 for t, p in single if t == sep} | {p + 1 for p, _ in enumerate(passing) if any(t == sep for t, _ in pairing.ranked(p, ANCHOR_SEP_SHARE))}
+                anchor_lengths = [n for n in lengths if n in ends] or lengths
+                anchored = assemble_by_anchors(search, test, anchors, anchor_lengths, options_for, meta.batch_size)
+            timings["anchors"] = time.perf_counter() - clock_anchor
+        accepted, rejected = assemble(search, lengths, options_for, meta.batch_size, accepted=anchored)
         if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites
             rejected = [Found(tuple(options[0] for options in options_for(lengths[0], [])), math.inf)]
         if search.expired and len(accepted) < meta.batch_size:
@@ -215,6 +233,7 @@ class SpanAttack:
             "lengths": [len(f.ids) for f in sentences],
             "candidate_lengths": lengths,
             "estimated_sequences": len(accepted),
+            "anchored_sentences": len(anchored),
             "sentence_scores": [f.score for f in sentences],
             "candidates": _candidate_table(ids, res, threshold),
         }

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from textleak.attacks.span_attention import AttentionTest
 from textleak.attacks.span_scoring import SpanBasis, encoder_layers
 
 
@@ -35,6 +36,10 @@ class FirstLayer:
         hidden = self.embeddings(input_ids=ids, token_type_ids=types)
         out = self.layer(hidden)
         return out[0] if isinstance(out, tuple) else out
+
+
+#: An anchor's attention residual below this marks its sentence found (right: about 1e-7; one wrong token: 1e-2).
+ATTENTION_ACCEPT = 1e-4
 
 
 @dataclass(frozen=True)
@@ -165,15 +170,16 @@ def assemble(
     lengths: list[int],
     options_for: Callable[[int, list[Found]], list[list[int]]],
     batch_size: int,
+    accepted: list[Found] | None = None,
 ) -> tuple[list[Found], list[Found]]:
-    """Find up to ``batch_size`` sentences over the candidate ``lengths`` (best first).
+    """Find up to ``batch_size`` sentences over the candidate ``lengths`` (best first), after any ``accepted`` ones.
 
     ``options_for(length, accepted)`` gives the allowed tokens per position (the first option is the layer-1 favourite,
     fixed positions have one option). Returns (accepted sentences, best rejected attempts).
     """
-    accepted: list[Found] = []
+    accepted = list(accepted or [])
     rejected: list[Found] = []
-    found: set[tuple[int, ...]] = set()
+    found: set[tuple[int, ...]] = {f.ids for f in accepted}
     pending = list(lengths)
     progress = True
     while len(accepted) < batch_size and progress and not search.expired:
@@ -214,3 +220,119 @@ def _start_avoiding(options: list[list[int]], taken: list[tuple[int, ...]]) -> l
         fresh = [t for t in tokens if t not in used]
         start.append((fresh or tokens)[0])
     return start
+
+
+def assemble_by_anchors(
+    search: SentenceSearch,
+    test: AttentionTest,
+    anchors: list[tuple[int, int]],
+    lengths: list[int],
+    options_for: Callable[[int, list[Found]], list[list[int]]],
+    batch_size: int,
+) -> list[Found]:
+    """Sentences grown around anchors: tokens that occur once in the batch, at their known position.
+
+    For each anchor not yet in a found sentence and each candidate length, coordinate descent picks the tokens of
+    the other positions that best explain the attention gradients of the anchors the sentence holds
+    (``AttentionTest``); the best sentence is kept when the second layer's span confirms it. Lengths the test
+    cannot read (too long for a head) are left to ``assemble``.
+    """
+    accepted: list[Found] = []
+    for token, position in anchors:
+        if len(accepted) >= batch_size or search.expired:
+            break
+        if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
+            continue
+        best: tuple[float, list[int]] | None = None
+        for length in lengths:
+            if length <= position + 1 or not test.usable(length):
+                continue
+            options = [[t for t in tokens if test.knows(t)] for tokens in options_for(length, accepted)]
+            options[position] = [token]
+            if not all(options):
+                continue
+            placed = {(t, p) for t, p in anchors if p < length and t in options[p]}
+            start: list[int] | None = None
+            for allowed in ([tokens[:batch_size] for tokens in options], options):
+                found = _descend_attention(search, test, (token, position), placed, allowed, [f.ids for f in accepted], start)
+                start = found[1]
+                if best is None or found[0] < best[0]:
+                    best = found
+                if best[0] <= ATTENTION_ACCEPT:
+                    break
+            if best is not None and best[0] <= ATTENTION_ACCEPT:
+                break
+        if best is None:
+            continue
+        _, worst = search.score(torch.tensor([best[1]]))
+        ids = tuple(best[1])
+        if float(worst[0]) <= search.accept and all(ids != f.ids for f in accepted):
+            accepted.append(Found(ids, float(worst[0])))
+    return accepted
+
+
+class _AnchorObjective:
+    """Mean log attention residual of the anchors a sentence holds at their positions (the seed always)."""
+
+    def __init__(self, test: AttentionTest, seed: tuple[int, int], anchors: set[tuple[int, int]], length: int) -> None:
+        self.test = test
+        anchors = {(t, p) for t, p in anchors | {seed} if p < length}
+        self.tokens = sorted({t for t, _ in anchors})
+        self.seed = self.tokens.index(seed[0])
+        self.ids = torch.tensor(self.tokens)
+        self.where = torch.zeros(len(self.tokens), length, dtype=torch.bool)  # (token, position) is an anchor
+        for t, p in anchors:
+            self.where[self.tokens.index(t), p] = True
+
+    def __call__(self, sentences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective, seed residual) per sentence."""
+        residual = self.test.residual(self.tokens, sentences)
+        held = ((sentences[:, None, :] == self.ids[None, :, None]) & self.where[None]).any(-1)
+        logs = torch.log10(residual.clamp_min(1e-300)).where(held, torch.zeros_like(residual))
+        return logs.sum(1) / held.sum(1).clamp_min(1), residual[:, self.seed]
+
+
+def _descend_attention(
+    search: SentenceSearch,
+    test: AttentionTest,
+    seed: tuple[int, int],
+    anchors: set[tuple[int, int]],
+    options: list[list[int]],
+    taken: list[tuple[int, ...]],
+    start: list[int] | None = None,
+) -> tuple[float, list[int]]:
+    """(seed's attention residual, sentence): coordinate descent on the anchors' objective from ``start`` (default:
+    the favourites), then
+    alternately from random starts and small kicks of the best, until the seed's residual falls below
+    ``ATTENTION_ACCEPT``; at most ``search.restarts`` restarts."""
+    objective = _AnchorObjective(test, seed, anchors, len(options))
+    free = [p for p, tokens in enumerate(options) if len(tokens) > 1]
+    best: tuple[float, float, list[int]] | None = None  # (objective, seed residual, sentence)
+    for attempt in range(search.restarts + 1):
+        if attempt == 0 or best is None:
+            current = list(start) if start is not None else _start_avoiding(options, taken)
+        elif attempt % 2:
+            current = [tokens[int(torch.randint(len(tokens), (1,), generator=search.generator))] for tokens in options]
+        else:
+            current = list(best[2])
+            for k in torch.randperm(len(free), generator=search.generator)[: 2 + attempt % 3].tolist():
+                tokens = options[free[k]]
+                current[free[k]] = tokens[int(torch.randint(len(tokens), (1,), generator=search.generator))]
+        value, seed_res = (float(v[0]) for v in objective(torch.tensor([current])))
+        for _ in range(4 * search.max_sweeps):
+            changed = False
+            for p in free:
+                variants = torch.tensor([current] * len(options[p]))
+                variants[:, p] = torch.tensor(options[p])
+                scores, seeds = objective(variants)
+                k = int(scores.argmin())
+                if float(scores[k]) < value and options[p][k] != current[p]:
+                    current[p], value, seed_res, changed = options[p][k], float(scores[k]), float(seeds[k]), True
+            if not changed:
+                break
+        if best is None or value < best[0]:
+            best = (value, seed_res, current)
+        if best[1] <= ATTENTION_ACCEPT or search.expired or not free:
+            break
+    assert best is not None
+    return best[1], best[2]
