@@ -99,17 +99,23 @@ def evaluate_images(
     return result
 
 
-def save_grid(truth: torch.Tensor, recon: torch.Tensor, path: str | Path, *, scale: int = 4) -> Path:
-    """A PNG with the ground truth in the top row and the matched reconstructions below, upscaled ``scale`` x."""
+def save_grid(
+    truth: torch.Tensor, recon: torch.Tensor, path: str | Path, *, scale: int = 4, columns: int | None = None
+) -> Path:
+    """A PNG with the ground truth in the top row and the matched reconstructions below, upscaled ``scale`` x;
+    with ``columns``, more images wrap into further (truth, reconstruction) row pairs of that many."""
     from PIL import Image
 
     rows = torch.stack([truth, recon.clamp(0, 1)])  # [2, B, C, H, W]
     _, batch, channels, height, width = rows.shape
+    columns = min(columns or batch, batch)
+    blocks = -(-batch // columns)
     pad = 2
-    canvas = torch.ones(channels, 2 * (height + pad) + pad, batch * (width + pad) + pad)
-    for r in range(2):
-        for b in range(batch):
-            top, left = pad + r * (height + pad), pad + b * (width + pad)
+    canvas = torch.ones(channels, 2 * blocks * (height + pad) + pad, columns * (width + pad) + pad)
+    for b in range(batch):
+        block, column = divmod(b, columns)
+        for r in range(2):
+            top, left = pad + (2 * block + r) * (height + pad), pad + column * (width + pad)
             canvas[:, top : top + height, left : left + width] = rows[r, b]
     array = (canvas.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     image = Image.fromarray(array[..., 0] if channels == 1 else array)

@@ -7,7 +7,14 @@ reconstruction below) goes next to it. ``--resume`` keeps the settings the JSON 
 configuration and runs the rest; ``--only`` picks settings by name; ``--progress-every N`` writes an
 optimisation-progress strip (PNG) and GIF for the first run of the settings ``--progress`` names.
 
+``--jobs N`` runs every image (or batch) of the selected settings as its own worker process, up to N at once (to
+fill one GPU with many small attacks), each writing a part file to ``--parts``; the parts are then merged into the
+JSON and the grids. ``--merge`` only merges the parts already there (e.g. parts made on another machine).
+
     python scripts/bench_images.py --images 10 --threads 1
+    nvidia-cuda-mps-control -d  # optional: lets the workers' small kernels share the GPU at once
+    python scripts/bench_images.py --resume --only inverting --device cuda --jobs 20 --inverting-images 10 \
+        --inverting-batches 10 --inverting-iterations 6000 --inverting-b4-option tv=0.01
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="where the attacker optimises (the client runs on the CPU)")
     parser.add_argument("--tag", default="", help="suffix of every setting name (e.g. a device or budget)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=0, help="run each image/batch as a worker, N at once, then merge")
+    parser.add_argument("--parts", type=Path, default=None, help="part files of --jobs (default: <out>.parts/)")
+    parser.add_argument("--merge", action="store_true", help="only merge the part files in --parts into --out")
+    parser.add_argument("--part", default="", help=argparse.SUPPRESS)  # worker: "<setting name>:<run number>"
     parser.add_argument("--out", type=Path, default=REPO / "results" / "image_benchmark.json")
     return parser.parse_args(argv)
 
@@ -117,62 +129,90 @@ def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def run_setting(setting: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """Run one setting's images (or batches) one after another; scores, timings, grid, optional progress strip."""
-    dataset = load_dataset(setting["dataset"], args.data_root / ROOTS[setting["dataset"]])
-    batch, name = setting["batch_size"], setting_name(setting)
-    everything = spread(setting["runs"] * batch, len(dataset))  # distinct images; a batch spans classes
-    batches = [everything[k * batch : (k + 1) * batch] for k in range(setting["runs"])]
+def setting_batches(setting: dict[str, Any], size: int) -> list[list[int]]:
+    """The image indices of each run of ``setting`` (``size`` images in the data set): distinct images, and a batch
+    takes every ``runs``-th of them, so it spans the (class-sorted) data set whatever the number of batches."""
+    runs = setting["runs"]
+    everything = spread(runs * setting["batch_size"], size)
+    return [everything[k::runs] for k in range(runs)]
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def run_one(
+    setting: dict[str, Any], args: argparse.Namespace, dataset: Any, number: int, out_dir: Path
+) -> dict[str, Any]:
+    """Run number ``number`` of ``setting``: its record, truth and (truth-ordered) reconstruction, config, extras."""
+    name = setting_name(setting)
+    indices = setting_batches(setting, len(dataset))[number]
     defenses = [parse_defense(setting["defense"])] if "defense" in setting else []
-    wants_progress = args.progress_every > 0 and any(part in name for part in args.progress)
-    runs, truths, recons, extra = [], [], [], {}
-    load = os.getloadavg()[0]
-    for number, indices in enumerate(batches):
-        recorder = SnapshotRecorder(args.progress_every) if wants_progress and number == 0 else None
-        began = time.perf_counter()
-        run = attack_images(
-            dataset,
-            indices,
-            arch=setting["arch"],
-            attack=setting["attack"],
-            attack_options=setting["options"],
-            defenses=defenses,
-            snapshots=recorder,
-            device=args.device,
-        )
-        seconds = time.perf_counter() - began
-        scores = run.scores
-        runs.append(
-            {
-                "indices": indices,
-                "labels": run.truth.labels.tolist(),
-                "recovered_labels": run.reconstruction.labels,
-                "psnr": scores["psnr"],
-                "ssim": scores["ssim"],
-                "label_accuracy": scores["label_accuracy"],
-                "seconds": seconds,
-                "final_distance": run.reconstruction.details.get("final_distance"),
-            }
-        )
-        print(f"  {name} {indices}: PSNR {[round(p, 2) for p in scores['psnr']]} {seconds:.1f} s", flush=True)
-        truths.append(run.truth.images)
-        recons.append(run.reconstruction.images[scores["order"]])
-        config = run.reconstruction.config
-        if recorder is not None:
-            paths = save_progress(recorder, out_dir / f"image_progress_{name}", truth=run.truth.images)
-            extra["progress"] = {
-                "indices": indices,
-                "every": recorder.every,
-                "steps": recorder.steps,
-                "files": [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in paths],
-            }
-    grid = save_grid(torch.cat(truths), torch.cat(recons), out_dir / f"image_grid_{name}.png", scale=3)
+    wants_progress = args.progress_every > 0 and any(part in name for part in args.progress) and number == 0
+    recorder = SnapshotRecorder(args.progress_every) if wants_progress else None
+    began = time.perf_counter()
+    run = attack_images(
+        dataset,
+        indices,
+        arch=setting["arch"],
+        attack=setting["attack"],
+        attack_options=setting["options"],
+        defenses=defenses,
+        snapshots=recorder,
+        device=args.device,
+    )
+    seconds = time.perf_counter() - began
+    scores = run.scores
+    record = {
+        "indices": indices,
+        "labels": run.truth.labels.tolist(),
+        "recovered_labels": run.reconstruction.labels,
+        "psnr": scores["psnr"],
+        "ssim": scores["ssim"],
+        "label_accuracy": scores["label_accuracy"],
+        "seconds": seconds,
+        "final_distance": run.reconstruction.details.get("final_distance"),
+    }
+    print(f"  {name} {indices}: PSNR {[round(p, 2) for p in scores['psnr']]} {seconds:.1f} s", flush=True)
+    extra: dict[str, Any] = {}
+    if recorder is not None:
+        paths = save_progress(recorder, out_dir / f"image_progress_{name}", truth=run.truth.images)
+        extra["progress"] = {
+            "indices": indices,
+            "every": recorder.every,
+            "steps": recorder.steps,
+            "files": [_relative(p) for p in paths],
+        }
+    return {
+        "record": record,
+        "truth": run.truth.images,
+        "reconstruction": run.reconstruction.images[scores["order"]],
+        "config": run.reconstruction.config,
+        "extra": extra,
+    }
+
+
+def summarise(
+    setting: dict[str, Any], args: argparse.Namespace, outcomes: list[dict[str, Any]], out_dir: Path, load: float
+) -> dict[str, Any]:
+    """One setting's result from its runs' outcomes (``run_one``): means, timings, grid, per-run records."""
+    name = setting_name(setting)
+    runs = [o["record"] for o in outcomes]
+    extra = {k: v for o in outcomes for k, v in o["extra"].items()}
+    truths = torch.cat([o["truth"] for o in outcomes])
+    grid = save_grid(
+        truths,
+        torch.cat([o["reconstruction"] for o in outcomes]),
+        out_dir / f"image_grid_{name}.png",
+        scale=3,
+        columns=20,
+    )
     psnrs = [p for run in runs for p in run["psnr"]]
     ssims = [s for run in runs for s in run["ssim"]]
     return {
         "name": name,
         **setting,
-        "attack_config": config,
+        "attack_config": outcomes[-1]["config"],
         "images": len(psnrs),
         "mean_psnr": statistics.mean(psnrs),
         "median_psnr": statistics.median(psnrs),
@@ -181,10 +221,97 @@ def run_setting(setting: dict[str, Any], args: argparse.Namespace, out_dir: Path
         "seconds_per_image": sum(r["seconds"] for r in runs) / len(psnrs),
         "load_average_at_start": load,
         "threads": args.threads,
-        "grid": str(grid.relative_to(REPO)) if grid.is_relative_to(REPO) else str(grid),
+        "grid": _relative(grid),
         **extra,
         "per_run": runs,
     }
+
+
+def run_setting(setting: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Run one setting's images (or batches) one after another; scores, timings, grid, optional progress strip."""
+    dataset = load_dataset(setting["dataset"], args.data_root / ROOTS[setting["dataset"]])
+    load = os.getloadavg()[0]
+    outcomes = [run_one(setting, args, dataset, number, out_dir) for number in range(setting["runs"])]
+    return summarise(setting, args, outcomes, out_dir, load)
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """Where a setting ran: platform, torch, CPU count, the attacker's device and the GPU's name on CUDA."""
+    info: dict[str, Any] = {"platform": platform.platform(), "torch": str(torch.__version__), "cpus": os.cpu_count()}
+    info["device"] = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def part_path(parts: Path, name: str, number: int) -> Path:
+    return parts / f"{name}_{number:03d}.pt"
+
+
+def run_part(args: argparse.Namespace, parts: Path) -> None:
+    """Worker of ``--jobs``: run one image/batch (``--part NAME:K``) and save its outcome as a part file."""
+    name, _, number = args.part.rpartition(":")
+    setting = next((s for s in settings(args) if setting_name(s) == name), None)
+    if setting is None:
+        raise SystemExit(f"--part {args.part}: no selected setting named {name!r}")
+    dataset = load_dataset(setting["dataset"], args.data_root / ROOTS[setting["dataset"]])
+    load = os.getloadavg()[0]
+    outcome = run_one(setting, args, dataset, int(number), args.out.parent)
+    outcome["setting"] = setting
+    outcome["load_average_at_start"] = load
+    outcome["machine"] = machine_info(args.device)
+    parts.mkdir(parents=True, exist_ok=True)
+    torch.save(outcome, part_path(parts, name, int(number)))
+
+
+def run_jobs(args: argparse.Namespace, argv: list[str], todo: list[dict[str, Any]], parts: Path) -> dict[str, Any]:
+    """Run every image/batch of ``todo`` as a worker process, ``args.jobs`` at once; returns the timing summary."""
+    queue = [(setting_name(s), k) for s in todo for k in range(s["runs"])]
+    base = [sys.executable, str(Path(__file__).resolve()), *argv]
+    load = os.getloadavg()[0]
+    began = time.perf_counter()
+    running: list[tuple[subprocess.Popen, str]] = []
+    failed: list[str] = []
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            name, number = queue.pop(0)
+            running.append((subprocess.Popen([*base, "--part", f"{name}:{number}"]), f"{name}:{number}"))
+        time.sleep(0.5)
+        for process, label in list(running):
+            if process.poll() is not None:
+                running.remove((process, label))
+                if process.returncode:
+                    failed.append(label)
+    wall = time.perf_counter() - began
+    images = sum(s["runs"] * s["batch_size"] for s in todo)
+    return {
+        "jobs": args.jobs,
+        "workers": sum(s["runs"] for s in todo),
+        "failed_workers": failed,
+        "wall_s": wall,
+        "images": images,
+        "throughput_seconds_per_image": wall / images,
+        "load_average_at_start": load,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor(),
+    }
+
+
+def merge_parts(setting: dict[str, Any], args: argparse.Namespace, parts: Path, out_dir: Path) -> dict[str, Any] | None:
+    """The setting's result from the part files present (None if none): ``runs`` is how many were found."""
+    name = setting_name(setting)
+    found = [part_path(parts, name, k) for k in range(setting["runs"])]
+    outcomes = [torch.load(p, weights_only=True) for p in found if p.is_file()]
+    if not outcomes:
+        return None
+    merged = {**setting, "runs": len(outcomes)}
+    if len(outcomes) < setting["runs"]:
+        merged["runs_planned"] = setting["runs"]
+    result = summarise(merged, args, outcomes, out_dir, outcomes[0]["load_average_at_start"])
+    result["load_average_at_start"] = max(o["load_average_at_start"] for o in outcomes)
+    if "machine" in outcomes[0]:
+        result["machine"] = outcomes[0]["machine"]  # where the workers ran, not where the parts are merged
+    return result
 
 
 def same_setting(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -194,13 +321,18 @@ def same_setting(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python scripts/bench_images.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    parts = args.parts or args.out.with_suffix(".parts")
+    if args.part:
+        run_part(args, parts)
+        return
+    command = "python scripts/bench_images.py " + " ".join(argv)
     payload: dict[str, Any] = {
         "commands": [],
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "machine": {k: v for k, v in machine_info(args.device).items() if k in ("platform", "torch", "cpus")},
         "notes": (
             "PSNR capped at 100 dB per image; untrained models (seed 0; LeNet with DLG's U(-0.5, 0.5) init); "
             "seconds are wall-clock per image (client + attack) with the threads and load average recorded per "
@@ -210,18 +342,36 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.resume and args.out.is_file():
         stored = json.loads(args.out.read_text())
+        payload["machine"] = stored.get("machine", payload["machine"])  # the first run's; each setting has its own
         payload.update({k: v for k, v in stored.items() if k not in payload})  # e.g. a tuning record
         payload["commands"] = stored.get("commands", [])
         payload["settings"] = [s for s in stored.get("settings", []) if "name" in s]
     payload["commands"].append(command)
+    todo = []
     for setting in settings(args):
         name = setting_name(setting)
         kept = [s for s in payload["settings"] if s["name"] == name]
-        if kept and same_setting(kept[0], setting):
+        if kept and same_setting(kept[0], setting) and not args.merge:
             print(f"{name}: kept from {args.out}", flush=True)
             continue
-        result = run_setting(setting, args, args.out.parent)
+        todo.append(setting)
+    concurrency = None
+    if args.jobs > 0 and not args.merge and todo:
+        worker_argv = [a for a in argv if a != "--resume"]
+        concurrency = run_jobs(args, worker_argv, todo, parts)
+    for setting in todo:
+        name = setting_name(setting)
+        if args.jobs > 0 or args.merge:
+            result = merge_parts(setting, args, parts, args.out.parent)
+            if result is None:
+                print(f"{name}: no part files in {parts}", flush=True)
+                continue
+            if concurrency is not None:
+                result["concurrency"] = concurrency
+        else:
+            result = run_setting(setting, args, args.out.parent)
         result["command"] = command
+        result.setdefault("machine", machine_info(args.device))
         payload["settings"] = [s for s in payload["settings"] if s["name"] != name] + [result]
         args.out.write_text(json.dumps(payload, indent=2))
         print(

@@ -307,6 +307,21 @@ def test_mse_psnr_matching_and_grid(tmp_path: Path) -> None:
     path = save_grid(truth, recon[scores["order"]], tmp_path / "grid.png", scale=2)
     with Image.open(path) as image:
         assert image.size == (2 * (3 * 10 + 2), 2 * (2 * 10 + 2))
+    with Image.open(save_grid(truth, recon, tmp_path / "wrapped.png", scale=1, columns=2)) as image:
+        assert image.size == (2 * 10 + 2, 4 * 10 + 2)  # two (truth, reconstruction) row pairs
+
+
+def test_flat_cosine_matches_textleak_cosine_distance() -> None:
+    from image_support.attacks import _flat_cosine
+    from textleak.attacks.optimization import cosine_distance
+
+    generator = torch.Generator().manual_seed(0)
+    dummy = [torch.randn(shape, generator=generator) for shape in ((4, 3, 3, 3), (4,), (10, 4))]
+    target = [torch.randn(d.shape, generator=generator) for d in dummy]
+    flat = torch.cat([t.reshape(-1) for t in target])
+    assert float(_flat_cosine(flat, flat.norm())(dummy, target)) == pytest.approx(
+        float(cosine_distance(dummy, target)), abs=1e-6
+    )
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
@@ -347,3 +362,45 @@ def test_cli_image_attack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     argv[4] = str(tmp_path / "missing")
     assert main(argv) == 2
     assert "expected" in capsys.readouterr().err
+
+
+# --- benchmark script: worker parts and their merge ----------------------------------------------------------------
+
+
+def _bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_images.py"
+    spec = importlib.util.spec_from_file_location("bench_images", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_batches_span_the_data_set_and_parts_merge(tmp_path: Path) -> None:
+    bench = _bench_module()
+    batches = bench.setting_batches({"runs": 10, "batch_size": 4}, 10000)
+    assert batches[0] == [7, 2507, 5007, 7507] and len({i for b in batches for i in b}) == 40
+    assert bench.setting_batches({"runs": 3, "batch_size": 1}, 9) == [[7], [1], [4]]
+    images = (np.random.default_rng(0).random((4, 28, 28)) * 255).astype(np.uint8)
+    (tmp_path / "mnist").mkdir()
+    write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", images, compress=True)
+    write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 3, 4]), compress=True)
+    out = tmp_path / "results" / "bench.json"
+    argv = ["--data-root", str(tmp_path), "--only", "noise", "--defenses", "noise:sigma=0.001"]
+    argv += ["--defense-images", "2", "--dlg-iterations", "2", "2", "--out", str(out)]
+    name = "mnist_lenet_idlg_b1_noise-sigma0.001"
+    for number in (0, 1):  # what the workers of --jobs do, in this process
+        bench.main([*argv, "--part", f"{name}:{number}"])
+    assert sorted(p.name for p in (tmp_path / "results" / "bench.parts").iterdir()) == [
+        f"{name}_000.pt",
+        f"{name}_001.pt",
+    ]
+    bench.main([*argv, "--merge"])
+    (setting,) = json.loads(out.read_text())["settings"]
+    assert setting["runs"] == 2 and [r["indices"] for r in setting["per_run"]] == [[3], [1]]
+    assert setting["machine"]["device"] == "cpu" and (tmp_path / "results" / f"image_grid_{name}.png").is_file()
+    (tmp_path / "results" / "bench.parts" / f"{name}_001.pt").unlink()
+    bench.main([*argv, "--merge", "--resume"])  # a missing part: the setting says how many runs it has
+    (setting,) = json.loads(out.read_text())["settings"]
+    assert setting["runs"] == 1 and setting["runs_planned"] == 2
