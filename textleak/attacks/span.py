@@ -55,9 +55,9 @@ class SpanConfig:
     a true token's typical layer-1 residual, within [1e-5, 1e-2]). max_candidates: tokens kept per position;
     restarts: random restarts of the per-sentence search (seeded). pairing: for B > 1, order and narrow each
     position's candidates by the embedding gradients' token-position pairing (span_pairing), keeping tokens whose
-    share there is at least ``pair_floor``. attention: for B > 1, first grow a sentence around each token that occurs
-    once (needs pairing) with the first attention layer's per-token gradients (span_attention). time_limit: seconds for the sentence search, after which the best
-    answer so far is returned with a warning (None: no limit).
+    share there is at least ``pair_floor``. attention: for B > 1, first grow a sentence around each token that
+    occurs once (needs pairing) with the first attention layer's per-token gradients (span_attention). time_limit:
+    seconds for the sentence search, after which the best answer so far is returned with a warning (None: no limit).
     """
 
     threshold: float | None = None
@@ -155,10 +155,13 @@ class SpanAttack:
         passing = [[int(t) for t, r in zip(ids[p], res[p], strict=True) if r <= threshold] for p in range(len(ids))]
         if not any(passing[1:]):
             warnings.append(f"no candidate passes the layer-1 threshold {threshold:.2e}; best candidates used")
-        pairing = None
-        if cfg.pairing and meta.batch_size > 1:
+        pairing, test = None, None
+        if meta.batch_size > 1 and (cfg.pairing or cfg.attention):
             clock = time.perf_counter()
-            pairing = pair_tokens(update, sorted({t for tokens in passing for t in tokens}), meta.seq_len)
+            bag = sorted({t for tokens in passing for t in tokens})
+            test = attention_test(model, update, parts, bag, meta.seq_len, types)
+            if cfg.pairing:
+                pairing = pair_tokens(update, bag, meta.seq_len)
             timings["pairing"] = time.perf_counter() - clock
             if pairing is not None:
                 passing = _paired(passing, pairing, parts, span1, types[0], cfg.pair_floor, threshold)
@@ -202,16 +205,13 @@ class SpanAttack:
             time_limit=cfg.time_limit,
         )
         anchored: list[Found] = []
-        if cfg.attention and single:
+        if cfg.attention and test is not None and pairing is not None:
             clock_anchor = time.perf_counter()
-            bag = sorted({t for tokens in passing for t in tokens})
-            test = attention_test(model, update, parts, bag, meta.seq_len, types)
-            if test is not None:
-                anchors = sorted((t, p) for t, p in single if t not in (sep, cls, pad))
-                anchors.sort(key=lambda pair: (pair[1], pair[0]))
-                ends = {p + 1 for t, p in single if t == sep} | {p + 1 for p, _ in enumerate(passing) if any(t == sep for t, _ in pairing.ranked(p, ANCHOR_SEP_SHARE))}
-                anchor_lengths = [n for n in lengths if n in ends] or lengths
-                anchored = assemble_by_anchors(search, test, anchors, anchor_lengths, options_for, meta.batch_size)
+            anchors = sorted((t, p) for t, p in single if t not in (sep, cls, pad))
+            anchors.sort(key=lambda pair: (pair[1], pair[0]))
+            ends = {p + 1 for p in range(len(passing)) if any(t == sep for t, _ in pairing.ranked(p, ANCHOR_SEP_SHARE))}
+            anchor_lengths = [n for n in lengths if n in ends] or lengths
+            anchored = assemble_by_anchors(search, test, anchors, anchor_lengths, options_for, meta.batch_size)
             timings["anchors"] = time.perf_counter() - clock_anchor
         accepted, rejected = assemble(search, lengths, options_for, meta.batch_size, accepted=anchored)
         if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites

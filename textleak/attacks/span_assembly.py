@@ -243,25 +243,7 @@ def assemble_by_anchors(
             break
         if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
             continue
-        best: tuple[float, list[int]] | None = None
-        for length in lengths:
-            if length <= position + 1 or not test.usable(length):
-                continue
-            options = [[t for t in tokens if test.knows(t)] for tokens in options_for(length, accepted)]
-            options[position] = [token]
-            if not all(options):
-                continue
-            placed = {(t, p) for t, p in anchors if p < length and t in options[p]}
-            start: list[int] | None = None
-            for allowed in ([tokens[:batch_size] for tokens in options], options):
-                found = _descend_attention(search, test, (token, position), placed, allowed, [f.ids for f in accepted], start)
-                start = found[1]
-                if best is None or found[0] < best[0]:
-                    best = found
-                if best[0] <= ATTENTION_ACCEPT:
-                    break
-            if best is not None and best[0] <= ATTENTION_ACCEPT:
-                break
+        best = _grow(search, test, (token, position), anchors, lengths, options_for, accepted, batch_size)
         if best is None:
             continue
         _, worst = search.score(torch.tensor([best[1]]))
@@ -269,6 +251,47 @@ def assemble_by_anchors(
         if float(worst[0]) <= search.accept and all(ids != f.ids for f in accepted):
             accepted.append(Found(ids, float(worst[0])))
     return accepted
+
+
+def _grow(
+    search: SentenceSearch,
+    test: AttentionTest,
+    seed: tuple[int, int],
+    anchors: list[tuple[int, int]],
+    lengths: list[int],
+    options_for: Callable[[int, list[Found]], list[list[int]]],
+    accepted: list[Found],
+    batch_size: int,
+) -> tuple[float, list[int]] | None:
+    """(seed residual, sentence) of the best sentence around ``seed``: one descent per length (among each position's
+    ``batch_size`` favourites, then all candidates from there), then restarts on the two most promising lengths."""
+    token, position = seed
+    taken = [f.ids for f in accepted]
+    trials: list[tuple[float, list[int], list[list[int]], set[tuple[int, int]]]] = []
+    for length in lengths:
+        if length <= position + 1 or not test.usable(length):
+            continue
+        options = [[t for t in tokens if test.knows(t)] for tokens in options_for(length, accepted)]
+        options[position] = [token]
+        if not all(options):
+            continue
+        placed = {(t, p) for t, p in anchors if p < length and t in options[p]}
+        found = _descend_attention(search, test, seed, placed, [o[:batch_size] for o in options], taken, restarts=0)
+        found = min(found, _descend_attention(search, test, seed, placed, options, taken, found[1], restarts=0))
+        if found[0] <= ATTENTION_ACCEPT:
+            return found
+        trials.append((*found, options, placed))
+    if not trials:
+        return None
+    best = min(trials, key=lambda trial: trial[0])[:2]
+    for _, sentence, options, placed in sorted(trials, key=lambda trial: trial[0])[:2]:
+        if search.expired:
+            break
+        found = _descend_attention(search, test, seed, placed, options, taken, sentence, restarts=search.restarts)
+        best = min(best, found)
+        if best[0] <= ATTENTION_ACCEPT:
+            break
+    return best
 
 
 class _AnchorObjective:
@@ -300,15 +323,17 @@ def _descend_attention(
     options: list[list[int]],
     taken: list[tuple[int, ...]],
     start: list[int] | None = None,
+    *,
+    restarts: int,
 ) -> tuple[float, list[int]]:
     """(seed's attention residual, sentence): coordinate descent on the anchors' objective from ``start`` (default:
     the favourites), then
     alternately from random starts and small kicks of the best, until the seed's residual falls below
-    ``ATTENTION_ACCEPT``; at most ``search.restarts`` restarts."""
+    ``ATTENTION_ACCEPT``; at most ``restarts`` restarts."""
     objective = _AnchorObjective(test, seed, anchors, len(options))
     free = [p for p, tokens in enumerate(options) if len(tokens) > 1]
     best: tuple[float, float, list[int]] | None = None  # (objective, seed residual, sentence)
-    for attempt in range(search.restarts + 1):
+    for attempt in range(restarts + 1):
         if attempt == 0 or best is None:
             current = list(start) if start is not None else _start_avoiding(options, taken)
         elif attempt % 2:

@@ -69,10 +69,10 @@ class AttentionTest:
             ]
         )
         inverse = torch.linalg.pinv(generators)
-        columns = slice(0, len(bag))
         self.column = {t: i for i, t in enumerate(bag)}
-        self.grad_query = (grad_query.to(torch.float64) @ inverse)[:, columns].T  # (bag, d)
-        self.grad_key = (grad_key.to(torch.float64) @ inverse)[:, columns].T
+        # (bag, d): per token, the sum over its occurrences of dq / sigma (and dk / sigma)
+        self.grad_query = (grad_query.to(torch.float64) @ inverse)[:, :n].T
+        self.grad_key = (grad_key.to(torch.float64) @ inverse)[:, :n].T
 
     def knows(self, token: int) -> bool:
         """Whether ``token`` is in the bag the test was built for (only those can be scored)."""
@@ -131,8 +131,16 @@ def attention_test(
     if not isinstance(query, torch.nn.Linear) or not isinstance(key, torch.nn.Linear) or query.bias is None:
         return None
     grads = [update.gradients.get(name) for name in names[:2]]
-    if any(g is None for g in grads):
+    if grads[0] is None or grads[1] is None:
         return None
     return AttentionTest(
-        parts, bag, positions, types, query=query, key=key, heads=int(heads), grad_query=grads[0], grad_key=grads[1]
+        parts,
+        bag,
+        positions,
+        types,
+        query=query,
+        key=key,
+        heads=int(heads),
+        grad_query=grads[0],
+        grad_key=grads[1],
     )
