@@ -41,7 +41,8 @@ from textleak.update import Update
 DEAD = 1e-2
 #: A pairing share above this marks a token that occurs once in the batch, at that position.
 UNIQUE_SHARE = 0.9
-#: Sentence lengths tried around anchors: [SEP] positions holding at least this pairing share of [SEP]'s gradient.
+#: Sentence lengths tried first around anchors: [SEP] positions holding at least this pairing share of [SEP]'s
+#: gradient.
 ANCHOR_SEP_SHARE = 0.05
 
 
@@ -52,7 +53,8 @@ class SpanConfig:
     threshold: layer-1 relative residual below which a candidate passes (auto: the widest gap in the pooled
     residuals above the worst position's best candidate). rank_tol: singular values kept, relative to the
     largest (auto: the last 10x drop). accept: layer-2 residual below which a sentence is accepted (auto: 100x
-    a true token's typical layer-1 residual, within [1e-5, 1e-2]). max_candidates: tokens kept per position;
+    a true token's typical layer-1 residual, within [1e-5, 1e-2]). max_candidates: tokens kept per position (at
+    least the first layer's rank + 1, the most distinct tokens a batch can hold);
     restarts: random restarts of the per-sentence search (seeded). pairing: for B > 1, order and narrow each
     position's candidates by the embedding gradients' token-position pairing (span_pairing), keeping tokens whose
     share there is at least ``pair_floor``. attention: for B > 1, first grow a sentence around each token that
@@ -144,7 +146,7 @@ class SpanAttack:
         types = _token_types(update)
         parts = embedding_parts(model)
         res, ids = candidate_residuals(
-            parts, span1, meta.seq_len, types, keep=cfg.max_candidates, chunk=cfg.chunk, exclude=_reserved(tok)
+            parts, span1, meta.seq_len, types, keep=_keep(cfg, span1), chunk=cfg.chunk, exclude=_reserved(tok)
         )
         res, ids = res[:, 0], ids[:, 0]  # single-segment inputs: the first present token type
         threshold = cfg.threshold if cfg.threshold is not None else auto_threshold(res)
@@ -210,7 +212,7 @@ class SpanAttack:
             anchors = sorted((t, p) for t, p in single if t not in (sep, cls, pad))
             anchors.sort(key=lambda pair: (pair[1], pair[0]))
             ends = {p + 1 for p in range(len(passing)) if any(t == sep for t, _ in pairing.ranked(p, ANCHOR_SEP_SHARE))}
-            anchor_lengths = [n for n in lengths if n in ends] or lengths
+            anchor_lengths = [n for n in lengths if n in ends] + [n for n in lengths if n not in ends]
             anchored = assemble_by_anchors(search, test, anchors, anchor_lengths, options_for, meta.batch_size)
             timings["anchors"] = time.perf_counter() - clock_anchor
         accepted, rejected = assemble(search, lengths, options_for, meta.batch_size, accepted=anchored)
@@ -302,6 +304,15 @@ def _paired(
             ranked = [t for t, r in zip(ranked, span.residual(rows).tolist(), strict=True) if r <= threshold]
         out.append(ranked + [t for t in fallback if t not in ranked])
     return out
+
+
+def _keep(cfg: SpanConfig, span: SpanBasis) -> int:
+    """Candidates kept per position: at least the span's rank, which bounds the number of distinct batch tokens.
+
+    Every token of the batch passes at every position (word + position mixtures span each other), so a position
+    can hold as many passing candidates as the batch has distinct tokens; keeping fewer drops true ones at random.
+    """
+    return max(cfg.max_candidates, span.rank + 1) if not span.full else cfg.max_candidates
 
 
 def _reserved(tokenizer: Any) -> torch.Tensor:

@@ -232,24 +232,26 @@ def assemble_by_anchors(
 ) -> list[Found]:
     """Sentences grown around anchors: tokens that occur once in the batch, at their known position.
 
-    For each anchor not yet in a found sentence and each candidate length, coordinate descent picks the tokens of
+    Two passes over the anchors, the second with restarts and with the first pass's sentences out of the way. For
+    each anchor not yet in a found sentence and each candidate length, coordinate descent picks the tokens of
     the other positions that best explain the attention gradients of the anchors the sentence holds
     (``AttentionTest``); the best sentence is kept when the second layer's span confirms it. Lengths the test
     cannot read (too long for a head) are left to ``assemble``.
     """
     accepted: list[Found] = []
-    for token, position in anchors:
-        if len(accepted) >= batch_size or search.expired:
-            break
-        if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
-            continue
-        best = _grow(search, test, (token, position), anchors, lengths, options_for, accepted, batch_size)
-        if best is None:
-            continue
-        _, worst = search.score(torch.tensor([best[1]]))
-        ids = tuple(best[1])
-        if float(worst[0]) <= search.accept and all(ids != f.ids for f in accepted):
-            accepted.append(Found(ids, float(worst[0])))
+    for restarts in (0, search.restarts):  # a quick pass, then one with restarts once others are found
+        for token, position in anchors:
+            if len(accepted) >= batch_size or search.expired:
+                break
+            if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
+                continue
+            best = _grow(search, test, (token, position), anchors, lengths, options_for, accepted, batch_size, restarts)
+            if best is None:
+                continue
+            _, worst = search.score(torch.tensor([best[1]]))
+            ids = tuple(best[1])
+            if float(worst[0]) <= search.accept and all(ids != f.ids for f in accepted):
+                accepted.append(Found(ids, float(worst[0])))
     return accepted
 
 
@@ -262,11 +264,15 @@ def _grow(
     options_for: Callable[[int, list[Found]], list[list[int]]],
     accepted: list[Found],
     batch_size: int,
+    restarts: int,
 ) -> tuple[float, list[int]] | None:
-    """(seed residual, sentence) of the best sentence around ``seed``: one descent per length (among each position's
-    ``batch_size`` favourites, then all candidates from there), then restarts on the two most promising lengths."""
+    """(seed residual, sentence) of the best sentence around ``seed``: per length, one descent from the greedy
+    (matching-pursuit) sentence among each position's ``batch_size`` favourites that may sit there (a once-seen
+    token only at its own position), then among all candidates from there; then restarts on the two most promising lengths."""
     token, position = seed
     taken = [f.ids for f in accepted]
+    anchor_set = set(anchors)
+    once = {t for t, _ in anchors}
     trials: list[tuple[float, list[int], list[list[int]], set[tuple[int, int]]]] = []
     for length in lengths:
         if length <= position + 1 or not test.usable(length):
@@ -276,18 +282,22 @@ def _grow(
         if not all(options):
             continue
         placed = {(t, p) for t, p in anchors if p < length and t in options[p]}
-        found = _descend_attention(search, test, seed, placed, [o[:batch_size] for o in options], taken, restarts=0)
-        found = min(found, _descend_attention(search, test, seed, placed, options, taken, found[1], restarts=0))
+        # a token seen once sits only at its own position; tokens seen more often may sit anywhere
+        possible = [[t for t in tokens if t not in once or (t, p) in anchor_set] for p, tokens in enumerate(options)]
+        narrow = [tokens[:batch_size] or options[p][:1] for p, tokens in enumerate(possible)]
+        found = _descend_attention(search, test, seed, placed, narrow, taken, test.greedy(token, narrow), restarts=0)
+        if found[0] > ATTENTION_ACCEPT:
+            found = min(found, _descend_attention(search, test, seed, placed, options, taken, found[1], restarts=0))
         if found[0] <= ATTENTION_ACCEPT:
             return found
         trials.append((*found, options, placed))
-    if not trials:
-        return None
+    if not trials or not restarts:
+        return min(trials, key=lambda trial: trial[0])[:2] if trials else None
     best = min(trials, key=lambda trial: trial[0])[:2]
     for _, sentence, options, placed in sorted(trials, key=lambda trial: trial[0])[:2]:
         if search.expired:
             break
-        found = _descend_attention(search, test, seed, placed, options, taken, sentence, restarts=search.restarts)
+        found = _descend_attention(search, test, seed, placed, options, taken, sentence, restarts=restarts)
         best = min(best, found)
         if best[0] <= ATTENTION_ACCEPT:
             break

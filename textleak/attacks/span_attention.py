@@ -102,6 +102,61 @@ class AttentionTest:
             norm = norm + gk.square().sum(dim=(1, 2))
         return (rest / norm.clamp_min(1e-300)).sqrt()
 
+    def greedy(self, token: int, options: list[list[int]]) -> list[int]:
+        """A sentence built around ``token`` by forward selection (group orthogonal matching pursuit over heads).
+
+        Starting from the positions with a single option, repeatedly fill the open position and candidate whose key
+        (and query) directions remove the most of the token's remaining query (and key) gradient; large attention
+        coefficients are picked first, and wrong tokens, random directions in a head, remove little.
+        """
+        length = len(options)
+        sentence = [tokens[0] for tokens in options]
+        open_positions = {p for p, tokens in enumerate(options) if len(tokens) > 1}
+        sides = [(self.keys, self.grad_query, True)]
+        if length < self.head_size:
+            sides.append((self.queries, self.grad_key, False))
+        states = []
+        for table, grads, differences in sides:
+            rest = grads[self.column[token]].view(self.heads, self.head_size).clone()
+            origin = table[self.lookup[sentence[0]], 0].view(self.heads, self.head_size) if differences else 0
+            basis = torch.zeros(self.heads, self.head_size, 0, dtype=torch.float64)
+            fixed = [p for p in range(length) if p not in open_positions and (p > 0 or not differences)]
+            states.append([table, differences, origin, basis, rest / rest.norm()])
+            for p in fixed:
+                self._extend(states[-1], table[self.lookup[sentence[p]], p].view(1, self.heads, self.head_size))
+        while open_positions:
+            best = (-1.0, -1, -1)
+            for p in open_positions:
+                ids = torch.tensor(options[p])
+                gain = torch.zeros(len(ids), dtype=torch.float64)
+                for state in states:
+                    table, _, origin, basis, rest = state
+                    directions = table[self.lookup[ids], p].view(len(ids), self.heads, self.head_size) - origin
+                    inside = torch.einsum("hdr,nhr->nhd", basis, torch.einsum("hdr,nhd->nhr", basis, directions))
+                    directions = directions - inside
+                    lengths = directions.square().sum(-1).clamp_min(1e-300)
+                    gain += ((directions * rest[None]).sum(-1).square() / lengths).sum(-1)
+                k = int(gain.argmax())
+                if float(gain[k]) > best[0]:
+                    best = (float(gain[k]), p, options[p][k])
+            _, p, chosen = best
+            sentence[p] = chosen
+            open_positions.discard(p)
+            for state in states:
+                table = state[0]
+                self._extend(state, table[self.lookup[chosen], p].view(1, self.heads, self.head_size))
+        return sentence
+
+    @staticmethod
+    def _extend(state: list, direction: torch.Tensor) -> None:
+        """Add one direction (1, H, d_h) to a side's per-head basis and take it out of the remaining gradient."""
+        _, differences, origin, basis, rest = state
+        vector = direction[0] - origin if differences else direction[0]
+        vector = vector - torch.einsum("hdr,hr->hd", basis, torch.einsum("hdr,hd->hr", basis, vector))
+        unit = vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        state[3] = torch.cat([basis, unit[:, :, None]], dim=-1)
+        state[4] = rest - unit * (unit * rest).sum(-1, keepdim=True)
+
     def _outside(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(n, m): squared norm, summed over heads, of each target (m, heads, d_h) outside each sentence's per-head
         row span (rows: n, count, d)."""
