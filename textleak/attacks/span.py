@@ -41,9 +41,9 @@ from textleak.update import Update
 DEAD = 1e-2
 #: A pairing share above this marks a token that occurs once in the batch, at that position.
 UNIQUE_SHARE = 0.9
-#: Sentence lengths tried first around anchors: [SEP] positions holding at least this pairing share of [SEP]'s
-#: gradient.
-ANCHOR_SEP_SHARE = 0.05
+#: Sentence lengths tried around anchors: [SEP] positions holding at least this pairing share of [SEP]'s gradient
+#: ([SEP] passes the layer-1 check at every position, so those positions alone would try every length).
+ANCHOR_SEP_SHARE = 0.01
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,7 +212,7 @@ class SpanAttack:
             anchors = sorted((t, p) for t, p in single if t not in (sep, cls, pad))
             anchors.sort(key=lambda pair: (pair[1], pair[0]))
             ends = {p + 1 for p in range(len(passing)) if any(t == sep for t, _ in pairing.ranked(p, ANCHOR_SEP_SHARE))}
-            anchor_lengths = [n for n in lengths if n in ends] + [n for n in lengths if n not in ends]
+            anchor_lengths = [n for n in lengths if n in ends] or lengths
             anchored = assemble_by_anchors(search, test, anchors, anchor_lengths, options_for, meta.batch_size)
             timings["anchors"] = time.perf_counter() - clock_anchor
         accepted, rejected = assemble(search, lengths, options_for, meta.batch_size, accepted=anchored)

@@ -275,7 +275,7 @@ def _grow(
     once = {t for t, _ in anchors}
     trials: list[tuple[float, list[int], list[list[int]], set[tuple[int, int]]]] = []
     for length in lengths:
-        if length <= position + 1 or not test.usable(length):
+        if length <= position + 1 or not test.usable(length) or search.expired:
             continue
         options = [[t for t in tokens if test.knows(t)] for tokens in options_for(length, accepted)]
         options[position] = [token]
