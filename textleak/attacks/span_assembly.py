@@ -285,7 +285,8 @@ def _grow(
         # a token seen once sits only at its own position; tokens seen more often may sit anywhere
         possible = [[t for t in tokens if t not in once or (t, p) in anchor_set] for p, tokens in enumerate(options)]
         narrow = [tokens[:batch_size] or options[p][:1] for p, tokens in enumerate(possible)]
-        found = _descend_attention(search, test, seed, placed, narrow, taken, test.greedy(token, narrow), restarts=0)
+        start = test.greedy(token, narrow)
+        found = _descend_attention(search, test, seed, placed, narrow, taken, start, restarts=0)
         if found[0] > ATTENTION_ACCEPT:
             found = min(found, _descend_attention(search, test, seed, placed, options, taken, found[1], restarts=0))
         if found[0] <= ATTENTION_ACCEPT:
