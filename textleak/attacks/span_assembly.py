@@ -268,7 +268,8 @@ def _grow(
 ) -> tuple[float, list[int]] | None:
     """(seed residual, sentence) of the best sentence around ``seed``: per length, one descent from the greedy
     (matching-pursuit) sentence among each position's ``batch_size`` favourites that may sit there (a once-seen
-    token only at its own position), then among all candidates from there; then restarts on the two most promising lengths."""
+    token only at its own position), then among all candidates from there; then restarts on the two most promising
+    lengths."""
     token, position = seed
     taken = [f.ids for f in accepted]
     anchor_set = set(anchors)
