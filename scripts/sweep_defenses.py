@@ -11,12 +11,20 @@ there), then ``OUT/table.md`` and ``OUT/recovery.png`` are rendered from all row
 
     python scripts/sweep_defenses.py --model default --batch-sizes 1 4 --sentences 20 --attacks cosine tag
     python scripts/sweep_defenses.py --quick --task all-tokens --sentences 2 --iterations 150  # minutes, tiny model
+
+Several processes can share one sweep, each with its own ``--out``: ``--shard K/N`` takes every N-th work item
+from the K-th; with one ``--claim-dir`` they instead take the next item nobody has claimed (balanced load).
+``--order batch`` runs every setting on the first batches before the later ones (a cut-off run then covers the
+whole grid on fewer sentences). ``--merge A/results.jsonl B/results.jsonl --render-only`` joins rows into ``OUT``
+and renders the table and plot. ``--device cuda`` runs the optimisation attacks there (the client stays on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -25,6 +33,7 @@ from pathlib import Path
 import torch
 
 from textleak.attacks import get_attack
+from textleak.attacks.optimization import check_device
 from textleak.data import read_cola
 from textleak.defenses.client import defended_client
 from textleak.defenses.utility import as_gradient, fine_tune, gradient_fidelity
@@ -32,6 +41,9 @@ from textleak.errors import CapabilityError
 from textleak.metrics import score_batch
 from textleak.models import load_model
 from textleak.tasks import head_for
+
+#: attacks that take a ``device`` option (the embedding-optimisation attacks; span and lamp run on the CPU)
+DEVICE_ATTACKS = ("dlg", "tag", "cosine")
 
 #: family -> [(strength shown on the plot, defense specs)]; the issue's benchmark grid.
 GRID: dict[str, list[tuple[float, list[str]]]] = {
@@ -74,7 +86,57 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer strengths per family")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/defense_sweep"))
-    return parser.parse_args()
+    parser.add_argument("--device", default="cpu", help=f"where {'/'.join(DEVICE_ATTACKS)} optimise (client: CPU)")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="extra attack option (repeatable)"
+    )
+    parser.add_argument("--shard", default="0/1", help="K/N: this process runs every N-th work item from the K-th")
+    parser.add_argument(
+        "--claim-dir", type=Path, default=None, help="processes sharing this folder each run an item only once"
+    )
+    parser.add_argument("--order", choices=("config", "batch"), default="config", help="work order (see above)")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not run the undefended setting")
+    parser.add_argument("--note", default=None, help="free text recorded in every row and above the table")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], help="results.jsonl files to join into OUT")
+    parser.add_argument("--render-only", action="store_true", help="run nothing; render OUT from its rows")
+    args = parser.parse_args()
+    args.shard_index, args.shard_count = parse_shard(args.shard)
+    check_device(args.device)
+    return args
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``K/N`` -> (K, N) with 0 <= K < N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError as error:
+        raise SystemExit(f"--shard must look like K/N, got {text!r}") from error
+    if not 0 <= index < count:
+        raise SystemExit(f"--shard {text!r}: need 0 <= K < N")
+    return index, count
+
+
+def parse_value(text: str):  # noqa: ANN201 - int, float, bool or str
+    """An attack option's value from the command line: int, float, true/false, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def attack_options(attack: str, iterations: int | None, device: str, extra: list[str]) -> dict:
+    """Options for one attack: the iteration budget, the device (optimisation attacks only) and ``--option``s."""
+    options: dict = {} if iterations is None else {"iterations": iterations}
+    if attack in DEVICE_ATTACKS and device != "cpu":
+        options["device"] = device
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option must look like KEY=VALUE, got {item!r}")
+        options[key] = parse_value(value)
+    return options
 
 
 KEY_FIELDS = ("kind", "model", "task", "family", "strength", "attack", "batch_size", "batch_index")
@@ -104,7 +166,7 @@ def append_row(path: Path, row: dict) -> None:
         handle.flush()
 
 
-def attack_row(target, task, attack_name, iterations, sentences, labels, specs, seed, reveal) -> dict:
+def attack_row(target, task, attack_name, options, sentences, labels, specs, seed, reveal) -> dict:
     """Attack one defended batch; recovery scores, the update's fidelity to the clean one, and timings."""
     update, truth = defended_client(
         target, sentences, task=task, labels=labels, defenses=specs, seed=seed, reveal=reveal
@@ -114,7 +176,6 @@ def attack_row(target, task, attack_name, iterations, sentences, labels, specs, 
     attacked = update
     if update.metadata.kind == "delta":  # the attacker reads a FedAvg delta as the gradient it implies
         attacked = update.with_gradients(as_gradient(update), kind="gradient", local_hyperparams=None)
-    options = {} if iterations is None else {"iterations": iterations}
     start = time.perf_counter()
     try:
         reconstruction = get_attack(attack_name, **options).reconstruct(attacked, target)
@@ -135,6 +196,28 @@ def attack_row(target, task, attack_name, iterations, sentences, labels, specs, 
     }
 
 
+def work_items(args: argparse.Namespace, configs: list[tuple[str, float, list[str]]]) -> list[tuple]:
+    """Every (utility, config) and (attack, config, batch size, batch index, attack name) item, in run order."""
+    utility = [("utility", c) for c in configs] if args.fine_tune_steps else []
+    attacks = []
+    per_size = {b: args.sentences // b for b in args.batch_sizes}
+    if args.order == "batch":
+        for index in range(max(per_size.values(), default=0)):
+            for batch_size in args.batch_sizes:
+                if index < per_size[batch_size]:
+                    attacks += [("attack", c, batch_size, index, a) for c in configs for a in args.attacks]
+        items = utility + attacks
+    else:
+        items = []
+        for config in configs:
+            items += [("utility", config)] if args.fine_tune_steps else []
+            for batch_size in args.batch_sizes:
+                for index in range(per_size[batch_size]):
+                    items += [("attack", config, batch_size, index, a) for a in args.attacks]
+    items = [i for i in items if not (i[0] == "attack" and i[1][0] == "secure-aggregation" and i[2] < i[1][1])]
+    return items[args.shard_index :: args.shard_count]
+
+
 def run(args: argparse.Namespace) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
@@ -144,15 +227,21 @@ def run(args: argparse.Namespace) -> Path:
     unknown = sorted(set(families) - set(grid))
     if unknown:
         raise SystemExit(f"unknown families {unknown}; known: {sorted(grid)}")
-    configs = [("none", 0.0, [])] + [(f, s, specs) for f in families for s, specs in grid[f]]
+    baseline = [] if args.skip_baseline else [("none", 0.0, [])]
+    configs = baseline + [(f, s, specs) for f in families for s, specs in grid[f]]
     cola = args.data_root / "cola"
     sentences, labels = read_cola(cola / "dev.tsv")
     target = load_model(args.model, head=head_for(args.task), seed=args.seed)
     reveal = ("lengths", "labels") if args.task == "classification" else ("lengths",)
     base = {"model": args.model, "task": args.task}
-    for family, strength, specs in configs:
+    if args.note:
+        base["note"] = args.note
+    for item in work_items(args, configs):
+        family, strength, specs = item[1]
         head = {**base, "family": family, "strength": strength, "specs": specs}
-        if args.fine_tune_steps and (key := row_key({**head, "kind": "utility"})) not in done:
+        if item[0] == "utility":
+            if (key := row_key({**head, "kind": "utility"})) in done or not claim(args.claim_dir, key):
+                continue
             result = fine_tune(
                 args.model,
                 train_path=cola / "train.tsv",
@@ -165,22 +254,50 @@ def run(args: argparse.Namespace) -> Path:
             append_row(results, {**head, "kind": "utility", **result})
             done.add(key)
             print(f"utility {family} {strength}: accuracy {result['eval_accuracy']:.3f}", flush=True)
-        for batch_size in args.batch_sizes:
-            if family == "secure-aggregation" and batch_size < strength:
-                continue
-            for index in range(args.sentences // batch_size):
-                part = slice(index * batch_size, (index + 1) * batch_size)
-                for attack in args.attacks:
-                    row = {**head, "kind": "attack", "attack": attack, "batch_size": batch_size, "batch_index": index}
-                    if row_key(row) in done:
-                        continue
-                    batch = (sentences[part], labels[part], specs, args.seed + index, reveal)
-                    row.update(attack_row(target, args.task, attack, args.iterations, *batch))
-                    append_row(results, row)
-                    done.add(row_key(row))
-                    recovered = row.get("rouge1", float("nan"))
-                    print(f"{family} {strength} {attack} B={batch_size} #{index}: rouge1 {recovered:.3f}", flush=True)
+            continue
+        _, _, batch_size, index, attack = item
+        row = {**head, "kind": "attack", "attack": attack, "batch_size": batch_size, "batch_index": index}
+        if row_key(row) in done or not claim(args.claim_dir, row_key(row)):
+            continue
+        part = slice(index * batch_size, (index + 1) * batch_size)
+        options = attack_options(attack, args.iterations, args.device, args.option)
+        batch = (sentences[part], labels[part], specs, args.seed + index, reveal)
+        row.update(attack_row(target, args.task, attack, options, *batch))
+        if options:
+            row["attack_options"] = options
+        append_row(results, row)
+        done.add(row_key(row))
+        recovered = row.get("rouge1", float("nan"))
+        print(f"{family} {strength} {attack} B={batch_size} #{index}: rouge1 {recovered:.3f}", flush=True)
     return results
+
+
+def claim(folder: Path | None, key: tuple) -> bool:
+    """True if this process may run ``key``: no folder, or it is the first to create the key's claim file there."""
+    if folder is None:
+        return True
+    folder.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha1(json.dumps(key).encode()).hexdigest()
+    try:
+        os.close(os.open(folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def merge(out: Path, sources: list[Path]) -> int:
+    """Append to ``OUT/results.jsonl`` every row of ``sources`` whose key it does not hold yet; how many were added."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {row_key(r) for r in load_rows(results)}
+    added = 0
+    for source in sources:
+        for row in load_rows(source):
+            if row_key(row) not in done:
+                append_row(results, row)
+                done.add(row_key(row))
+                added += 1
+    return added
 
 
 def summarise(rows: list[dict]) -> dict[tuple, dict[str, float]]:
@@ -191,7 +308,12 @@ def summarise(rows: list[dict]) -> dict[tuple, dict[str, float]]:
         if row["kind"] == "attack" and "rouge1" in row:
             groups[(row["family"], row["strength"], row["attack"], row["batch_size"])].append(row)
     summary = {}
-    for key, members in sorted(groups.items(), key=lambda item: (item[0][0] != "none", *map(str, item[0]))):
+
+    def order(item: tuple) -> tuple:
+        family, strength, attack, batch_size = item[0]
+        return (family != "none", family, float(strength), attack, batch_size)
+
+    for key, members in sorted(groups.items(), key=order):
         entry = {m: statistics.mean(r[m] for r in members) for m in ("rouge1", "rouge2", "exact_match")}
         entry["cosine"] = statistics.mean(r["fidelity"]["cosine"] for r in members)
         entry["batches"] = len(members)
@@ -201,8 +323,8 @@ def summarise(rows: list[dict]) -> dict[tuple, dict[str, float]]:
     return summary
 
 
-def render_table(summary: dict[tuple, dict[str, float]]) -> str:
-    lines = [
+def render_table(summary: dict[tuple, dict[str, float]], notes: list[str] | None = None) -> str:
+    lines = [f"Note: {note}\n" for note in notes or []] + [
         "| defense | strength | attack | B | ROUGE-1 | ROUGE-2 | exact | grad cosine | fine-tune acc | batches |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -211,6 +333,26 @@ def render_table(summary: dict[tuple, dict[str, float]]) -> str:
         lines.append(
             f"| {family} | {strength:g} | {attack} | {batch_size} | {100 * e['rouge1']:.1f} | {100 * e['rouge2']:.1f}"
             f" | {100 * e['exact_match']:.1f} | {e['cosine']:.4f} | {accuracy} | {e['batches']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_utility(rows: list[dict]) -> str:
+    """The fine-tuning runs, one line per defense setting (empty when there are none)."""
+    runs = sorted(
+        (r for r in rows if r["kind"] == "utility"),
+        key=lambda r: (r["family"] != "none", r["family"], float(r["strength"])),
+    )
+    if not runs:
+        return ""
+    lines = [
+        "| defense | strength | model | steps | train loss | eval loss | eval acc | majority acc | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['family']} | {r['strength']:g} | {r['model']} | {r['steps']} | {r['train_loss']:.4f}"
+            f" | {r['eval_loss']:.4f} | {r['eval_accuracy']:.3f} | {r['majority_accuracy']:.3f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -260,8 +402,15 @@ def render_plot(summary: dict[tuple, dict[str, float]], path: Path) -> bool:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    summary = summarise(load_rows(run(args)))
-    table = render_table(summary)
+    if args.merge:
+        print(f"merged {merge(args.out, args.merge)} new rows into {args.out / 'results.jsonl'}")
+    results = args.out / "results.jsonl" if args.render_only else run(args)
+    rows = load_rows(results)
+    summary = summarise(rows)
+    notes = sorted({row["note"] for row in rows if row.get("note")})
+    table = render_table(summary, notes)
+    if utility := render_utility(rows):
+        table += "\nFine-tuning under each defense:\n\n" + utility
     (args.out / "table.md").write_text(table, encoding="utf-8")
     print(table)
     if render_plot(summary, args.out / "recovery.png"):

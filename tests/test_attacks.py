@@ -94,3 +94,33 @@ def test_parameter_selection(tiny):
     assert result.details["matched_parameters"] == 32  # 16 tensors per BERT layer
     with pytest.raises(CapabilityError, match="matches no gradient"):
         get_attack("cosine", iterations=2, params="decoder.nothing").reconstruct(update, tiny)
+
+
+def test_device_option_is_validated_and_recorded(tiny):
+    with pytest.raises(ValueError, match="device must"):
+        get_attack("tag", device="not-a-device")
+    with pytest.raises(ValueError, match="device must be 'cpu'"):
+        get_attack("dlg", device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            get_attack("cosine", device="cuda")
+    update, _ = simulate_client(tiny, [SENTENCE], task="all-tokens", seed=0)
+    if torch.cuda.is_available():  # lamp has its own loop, not moved to a device yet: it refuses one
+        with pytest.raises(ValueError, match="CPU only"):
+            get_attack("lamp", device="cuda", iterations=1).reconstruct(update, tiny)
+    plain = get_attack("tag", iterations=5).reconstruct(update, tiny)
+    on_cpu = get_attack("tag", iterations=5, device="cpu").reconstruct(update, tiny)
+    assert on_cpu.config["device"] == "cpu" and on_cpu.token_ids == plain.token_ids
+
+
+def test_problem_moves_to_a_device_as_a_copy(tiny):
+    update, _ = simulate_client(tiny, [SENTENCE], task="all-tokens", seed=0)
+    attack = get_attack("cosine", iterations=1)
+    problem = attack.prepare(update, tiny)
+    assert problem.to("cpu") is problem
+    if torch.cuda.is_available():  # only where a GPU exists
+        moved = problem.to("cuda")
+        assert moved.model is not problem.model and moved.target[0].is_cuda and moved.layout.free.is_cuda
+        assert next(problem.model.parameters()).device.type == "cpu"
+        result = get_attack("cosine", iterations=5, device="cuda").reconstruct(update, tiny)
+        assert len(result.token_ids) == 1

@@ -394,3 +394,56 @@ def test_dpsgd_on_mlm_tolerates_an_example_with_nothing_masked(mlm_model):
         update, _ = defended_client(mlm_model, sentences, defenses=["dpsgd:sigma=0"], seed=seed)
         assert all(torch.isfinite(g).all() for g in update.gradients.values())
         assert 0 < global_norm(update.gradients) <= 1.0  # the mean of two clipped gradients
+
+
+def _sweep_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sweep_defenses.py"
+    spec = importlib.util.spec_from_file_location("sweep_defenses", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_shards_and_orders_cover_every_item_once():
+    import argparse
+
+    sweep = _sweep_module()
+    configs = [("none", 0.0, []), ("noise", 1e-3, ["noise:sigma=0.001"]), ("secure-aggregation", 4, ["x"])]
+
+    def items(order: str, shard: tuple[int, int], steps: int = 0) -> list[tuple]:
+        args = argparse.Namespace(
+            fine_tune_steps=steps, sentences=4, batch_sizes=[1, 2], attacks=["tag", "dlg"], order=order,
+            shard_index=shard[0], shard_count=shard[1],
+        )  # fmt: skip
+        return sweep.work_items(args, configs)
+
+    whole = items("config", (0, 1), steps=10)
+    assert len(whole) == 3 + 2 * (4 + 2) * 2 + (4 + 2) * 2 - 2 * (4 + 2)  # secure-aggregation:4 needs B >= 4
+    assert sorted(map(str, items("batch", (0, 1), steps=10))) == sorted(map(str, whole))
+    shards = [items("batch", (k, 3), steps=10) for k in range(3)]
+    assert sorted(map(str, sum(shards, []))) == sorted(map(str, whole))
+    first = items("batch", (0, 1))[: 2 * 2 * 2]  # batch-major: every (setting, size) on batch 0 comes first
+    assert {(i[1][0], i[2], i[3]) for i in first} == {(c, b, 0) for c in ("none", "noise") for b in (1, 2)}
+    assert sweep.parse_shard("1/3") == (1, 3)
+    with pytest.raises(SystemExit):
+        sweep.parse_shard("3/3")
+    assert sweep.parse_value("30") == 30 and sweep.parse_value("1e-3") == 1e-3 and sweep.parse_value("true") is True
+    assert sweep.attack_options("tag", 5, "cuda", ["lr=0.1"]) == {"iterations": 5, "device": "cuda", "lr": 0.1}
+    assert sweep.attack_options("span", None, "cuda", []) == {}
+
+
+def test_sweep_claims_are_exclusive_and_merge_skips_known_rows(tmp_path):
+    sweep = _sweep_module()
+    key = ("attack", "m", "classification", "noise", 0.001, "tag", 1, 0)
+    assert sweep.claim(tmp_path / "claims", key) and not sweep.claim(tmp_path / "claims", key)
+    assert sweep.claim(None, key)
+    row = dict(zip(sweep.KEY_FIELDS, key, strict=True)) | {"rouge1": 0.5}
+    other = {**row, "batch_index": 1}
+    for name, rows in (("a.jsonl", [row]), ("b.jsonl", [row, other])):
+        for r in rows:
+            sweep.append_row(tmp_path / name, r)
+    assert sweep.merge(tmp_path / "out", [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]) == 2
+    assert sweep.merge(tmp_path / "out", [tmp_path / "b.jsonl"]) == 0
+    assert len(sweep.load_rows(tmp_path / "out" / "results.jsonl")) == 2

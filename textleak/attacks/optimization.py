@@ -3,10 +3,15 @@
 The attacks differ only in their distance and optimiser defaults; the dummy construction, the model call, the
 loop and the decoding are shared. Dummy embeddings stand in for word-embedding rows at the non-special positions
 (the tokenizer's [CLS]/[SEP]/[PAD] layout is fixed); when labels are unknown, soft labels are optimised too.
+
+``device`` (default ``cpu``) is where the attacker optimises: the matching problem (a copy of the model, the target
+gradients, the layout) moves there; the dummies are drawn on the CPU first, so a seed means the same start on every
+device, and decoding runs on the CPU against the original table.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +59,25 @@ def cosine_distance(dummy: Sequence[torch.Tensor], target: Sequence[torch.Tensor
 DISTANCES = ("l2", "tag", "cosine")
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device a ``device`` option names; a clear ValueError if it is unknown or not usable here."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif resolved.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device!r} requested but MPS is not available on this machine")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda[:N]' or 'mps', got {device!r}")
+    return resolved
+
+
 @dataclass(frozen=True, kw_only=True)
 class TextAttackConfig(LoopConfig):
     """Options of the embedding-optimisation attacks; every option is recorded with the result."""
@@ -66,6 +90,7 @@ class TextAttackConfig(LoopConfig):
     decode: str = "cosine"
     candidates: tuple[int, ...] | None = None
     init_scale: float = 1.0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +104,7 @@ class TextAttackConfig(LoopConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.alpha < 0 or self.init_scale <= 0:
             raise ValueError("alpha must be >= 0 and init_scale > 0")
+        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,7 +154,7 @@ def soft_labels(
     if plan.slots is not None:
         probs = probs[..., :-1]
     if plan.classes is not None:
-        full = torch.zeros(*probs.shape[:-1], num_classes, dtype=probs.dtype)
+        full = torch.zeros(*probs.shape[:-1], num_classes, dtype=probs.dtype, device=probs.device)
         probs = full.scatter(-1, plan.classes.expand(*probs.shape[:-1], len(plan.classes)), probs)
     if task == "classification":
         return probs, None
@@ -156,6 +182,33 @@ class GradientProblem:
     table: torch.Tensor
     fixed_embeds: torch.Tensor
     warnings: list[str]
+
+    def to(self, device: str | torch.device) -> GradientProblem:
+        """The same problem on ``device``: a copy of the model there, every tensor moved (itself if already there)."""
+        device = torch.device(device)
+        here = next(self.model.parameters()).device
+        if here == device or (here.type == device.type and device.index is None and here.index in (None, 0)):
+            return self
+        model = copy.deepcopy(self.model).to(device)
+        params = dict(model.named_parameters())
+        layout = Layout(*(t.to(device) for t in (self.layout.fixed_ids, self.layout.free, self.layout.attention_mask)))
+        plan = dataclasses.replace(
+            self.plan,
+            hard=None if self.plan.hard is None else self.plan.hard.to(device),
+            classes=None if self.plan.classes is None else self.plan.classes.to(device),
+        )
+        table = model.get_input_embeddings().weight.detach()
+        return dataclasses.replace(
+            self,
+            model=model,
+            layout=layout,
+            plan=plan,
+            matched=[params[n] for n in self.names],
+            target=[t.to(device) for t in self.target],
+            table=table,
+            fixed_embeds=table[layout.fixed_ids],
+            warnings=list(self.warnings),
+        )
 
     def embed(self, free_embeds: torch.Tensor) -> torch.Tensor:
         """Input embeddings: ``free_embeds`` at the free positions, the special tokens' rows elsewhere."""
@@ -202,6 +255,13 @@ class OptimizationAttack:
 
     def __init__(self, **options: Any) -> None:
         self.config = TextAttackConfig(**{**self.defaults, **options})
+        self._check_device_support()
+
+    def _check_device_support(self) -> None:
+        """Only the shared ``reconstruct`` below moves the problem to ``device``; a subclass with its own refuses."""
+        overridden = type(self).reconstruct is not OptimizationAttack.reconstruct
+        if overridden and check_device(self.config.device).type != "cpu":
+            raise ValueError(f"attack {self.name!r} runs on the CPU only; device={self.config.device!r} is unsupported")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -209,6 +269,7 @@ class OptimizationAttack:
     def prepare(self, update: Update, target: LoadedModel) -> GradientProblem:
         """The gradient-matching problem an update poses: layout, labels, matched gradients (shared with lamp)."""
         check_requirements(self.name, update, self.requires)
+        self._check_device_support()  # also for subclasses with their own __init__
         config, model = self.config, target.model
         lengths, warnings = resolve_lengths(update, config.length)
         layout = Layout.build(target.tokenizer, lengths, update.metadata.seq_len)
@@ -228,19 +289,20 @@ class OptimizationAttack:
             warnings=warnings,
         )
 
-    def reconstruct(
-        self, update: Update, target: LoadedModel, *, progress: Progress | None = None
-    ) -> Reconstruction:
+    def reconstruct(self, update: Update, target: LoadedModel, *, progress: Progress | None = None) -> Reconstruction:
         config, tokenizer = self.config, target.tokenizer
-        problem = self.prepare(update, target)
-        layout, table = problem.layout, problem.table
+        host = self.prepare(update, target)
+        layout, table = host.layout, host.table
+        problem = host.to(check_device(config.device))
 
         def init(generator: torch.Generator) -> list[torch.Tensor]:
+            # drawn on the CPU whatever the device, so a seed means the same start everywhere
             scale = float(table.std()) * config.init_scale
-            return [
+            leaves = [
                 torch.randn(*layout.fixed_ids.shape, table.shape[1], generator=generator) * scale,
-                *problem.init_labels(generator),
+                *host.init_labels(generator),
             ]
+            return [leaf.to(problem.table.device) for leaf in leaves]
 
         def dummy_gradients(leaves: list[torch.Tensor]) -> Sequence[torch.Tensor]:
             return problem.gradients(problem.embed(leaves[0]), leaves[1:])
@@ -256,7 +318,7 @@ class OptimizationAttack:
         allowed = allowed_tokens(
             tokenizer, table.shape[0], candidates=config.candidates, allow_mask=problem.task == "mlm"
         )
-        free_ids = nearest_tokens(result.leaves[0], table, allowed, metric=config.decode)
+        free_ids = nearest_tokens(result.leaves[0].cpu(), table, allowed, metric=config.decode)
         token_ids = layout.fill(free_ids)
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
         return Reconstruction(
