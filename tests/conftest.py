@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -28,3 +32,13 @@ def tiny() -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_classifier() -> LoadedModel:
     return load_model("random:bert-tiny", head="classification", seed=0)
+
+
+def load_script(name: str) -> ModuleType:
+    """A script under ``scripts/`` imported as a module (scripts are not a package), for testing its helpers."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

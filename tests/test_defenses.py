@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from textleak.attacks import get_attack
 from textleak.client import batch_gradients, encode_batch, simulate_client
@@ -397,13 +398,7 @@ def test_dpsgd_on_mlm_tolerates_an_example_with_nothing_masked(mlm_model):
 
 
 def _sweep_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "sweep_defenses.py"
-    spec = importlib.util.spec_from_file_location("sweep_defenses", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sweep_defenses")
 
 
 def test_sweep_shards_and_orders_cover_every_item_once():

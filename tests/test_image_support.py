@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 from image_support import (
@@ -368,13 +369,7 @@ def test_cli_image_attack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def _bench_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_images.py"
-    spec = importlib.util.spec_from_file_location("bench_images", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_images")
 
 
 def test_bench_batches_span_the_data_set_and_parts_merge(tmp_path: Path) -> None:
