@@ -53,8 +53,9 @@ class SpanConfig:
     threshold: layer-1 relative residual below which a candidate passes (auto: the widest gap in the pooled
     residuals above the worst position's best candidate). rank_tol: singular values kept, relative to the
     largest (auto: the last 10x drop). accept: layer-2 residual below which a sentence is accepted (auto: 100x
-    a true token's typical layer-1 residual, within [1e-5, 1e-2]). max_candidates: tokens kept per position (at
-    least the first layer's rank + 1, the most distinct tokens a batch can hold);
+    a true token's typical layer-1 residual, within [1e-5, 1e-2]). max_candidates: candidates per position the
+    second-layer search tries (the anchor growth uses every passing one; at least the first layer's rank + 1 are
+    kept, the most distinct tokens a batch can hold);
     restarts: random restarts of the per-sentence search (seeded). pairing: for B > 1, order and narrow each
     position's candidates by the embedding gradients' token-position pairing (span_pairing), keeping tokens whose
     share there is at least ``pair_floor``. attention: for B > 1, first grow a sentence around each token that
@@ -215,7 +216,12 @@ class SpanAttack:
             anchor_lengths = [n for n in lengths if n in ends] or lengths
             anchored = assemble_by_anchors(search, test, anchors, anchor_lengths, options_for, meta.batch_size)
             timings["anchors"] = time.perf_counter() - clock_anchor
-        accepted, rejected = assemble(search, lengths, options_for, meta.batch_size, accepted=anchored)
+        def search_options(length: int, accepted: list[Found]) -> list[list[int]]:
+            """The second-layer search's options: each position's first ``max_candidates`` (it tries their products
+            in part; the anchors above use every candidate)."""
+            return [tokens[: cfg.max_candidates] for tokens in options_for(length, accepted)]
+
+        accepted, rejected = assemble(search, lengths, search_options, meta.batch_size, accepted=anchored)
         if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites
             rejected = [Found(tuple(options[0] for options in options_for(lengths[0], [])), math.inf)]
         if search.expired and len(accepted) < meta.batch_size:
