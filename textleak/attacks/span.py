@@ -44,6 +44,9 @@ UNIQUE_SHARE = 0.9
 #: Sentence lengths tried around anchors: [SEP] positions holding at least this pairing share of [SEP]'s gradient
 #: ([SEP] passes the layer-1 check at every position, so those positions alone would try every length).
 ANCHOR_SEP_SHARE = 0.01
+#: Share of ``time_limit`` the anchor growth may spend: seeds in sentences too long for a head try every shorter
+#: length in vain, and on long-sentence data (RT) that time is the second-layer search's.
+ANCHOR_SHARE = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,7 +217,8 @@ class SpanAttack:
             anchors.sort(key=lambda pair: (pair[1], pair[0]))
             ends = {p + 1 for p in range(len(passing)) if any(t == sep for t, _ in pairing.ranked(p, ANCHOR_SEP_SHARE))}
             anchor_lengths = [n for n in lengths if n in ends] or lengths
-            anchored = assemble_by_anchors(search, test, anchors, anchor_lengths, options_for, meta.batch_size)
+            budget = None if cfg.time_limit is None else cfg.time_limit * ANCHOR_SHARE
+            anchored = assemble_by_anchors(search, test, anchors, anchor_lengths, options_for, meta.batch_size, budget)
             timings["anchors"] = time.perf_counter() - clock_anchor
         def search_options(length: int, accepted: list[Found]) -> list[list[int]]:
             """The second-layer search's options: each position's first ``max_candidates`` (it tries their products

@@ -229,8 +229,11 @@ def assemble_by_anchors(
     lengths: list[int],
     options_for: Callable[[int, list[Found]], list[list[int]]],
     batch_size: int,
+    budget: float | None = None,
 ) -> list[Found]:
     """Sentences grown around anchors: tokens that occur once in the batch, at their known position.
+
+    ``budget`` (seconds) bounds this phase, leaving the rest of the search's time to the second-layer search.
 
     Two passes over the anchors, the second with restarts and with the first pass's sentences out of the way. For
     each anchor not yet in a found sentence and each candidate length, coordinate descent picks the tokens of
@@ -239,9 +242,10 @@ def assemble_by_anchors(
     cannot read (too long for a head) are left to ``assemble``.
     """
     accepted: list[Found] = []
+    stop = math.inf if budget is None else time.perf_counter() + budget
     for restarts in (0, search.restarts):  # a quick pass, then one with restarts once others are found
         for token, position in anchors:
-            if len(accepted) >= batch_size or search.expired:
+            if len(accepted) >= batch_size or search.expired or time.perf_counter() > stop:
                 break
             if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
                 continue
