@@ -138,23 +138,9 @@ class SentenceSearch:
         ``options[p]`` lists the tokens allowed at position p (empty: the position is fixed). Sentences in
         ``avoid`` (already found) score as infinitely bad, so the search moves on to a different sentence.
         """
-        current = list(start)
-        best, worst = (float(v[0]) for v in self._scores(torch.tensor([current]), avoid))
-        for _ in range(self.max_sweeps):
-            if self.expired:
-                break
-            changed = False
-            for p, tokens in enumerate(options):
-                if len(tokens) < 2:
-                    continue
-                variants = torch.tensor([current] * len(tokens))
-                variants[:, p] = torch.tensor(tokens)
-                objective, rows_worst = self._scores(variants, avoid)
-                k = int(objective.argmin())
-                if float(objective[k]) < best and tokens[k] != current[p]:
-                    current[p], best, worst, changed = tokens[k], float(objective[k]), float(rows_worst[k]), True
-            if not changed:
-                break
+        current, _, worst = coordinate_descent(
+            start, options, lambda variants: self._scores(variants, avoid), self.max_sweeps, lambda: self.expired
+        )
         return Found(tuple(current), worst)
 
     def _scores(self, variants: torch.Tensor, avoid: set[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +149,38 @@ class SentenceSearch:
             if tuple(row) in avoid:
                 objective[i] = worst[i] = float("inf")
         return objective, worst
+
+
+def coordinate_descent(
+    start: list[int],
+    options: list[list[int]],
+    score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    sweeps: int,
+    stop: Callable[[], bool],
+) -> tuple[list[int], float, float]:
+    """(sentence, objective, companion score): from ``start``, at each position with options keep the token whose
+    variant scores lowest, sweeping until nothing changes, ``sweeps`` are done or ``stop()``.
+
+    ``score(variants)`` gives each candidate sentence's objective and a companion score (carried, not minimised).
+    """
+    current = list(start)
+    value, companion = (float(v[0]) for v in score(torch.tensor([current])))
+    for _ in range(sweeps):
+        if stop():
+            break
+        changed = False
+        for p, tokens in enumerate(options):
+            if len(tokens) < 2:
+                continue
+            variants = torch.tensor([current] * len(tokens))
+            variants[:, p] = torch.tensor(tokens)
+            objective, companions = score(variants)
+            k = int(objective.argmin())
+            if float(objective[k]) < value and tokens[k] != current[p]:
+                current[p], value, companion, changed = tokens[k], float(objective[k]), float(companions[k]), True
+        if not changed:
+            break
+    return current, value, companion
 
 
 def assemble(
@@ -359,18 +377,9 @@ def _descend_attention(
             for k in torch.randperm(len(free), generator=search.generator)[: 2 + attempt % 3].tolist():
                 tokens = options[free[k]]
                 current[free[k]] = tokens[int(torch.randint(len(tokens), (1,), generator=search.generator))]
-        value, seed_res = (float(v[0]) for v in objective(torch.tensor([current])))
-        for _ in range(4 * search.max_sweeps):
-            changed = False
-            for p in free:
-                variants = torch.tensor([current] * len(options[p]))
-                variants[:, p] = torch.tensor(options[p])
-                scores, seeds = objective(variants)
-                k = int(scores.argmin())
-                if float(scores[k]) < value and options[p][k] != current[p]:
-                    current[p], value, seed_res, changed = options[p][k], float(scores[k]), float(seeds[k]), True
-            if not changed:
-                break
+        current, value, seed_res = coordinate_descent(
+            current, options, objective, 4 * search.max_sweeps, lambda: search.expired
+        )
         if best is None or value < best[0]:
             best = (value, seed_res, current)
         if best[1] <= ATTENTION_ACCEPT or search.expired or not free:
