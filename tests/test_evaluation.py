@@ -281,6 +281,27 @@ def test_ray_executor_gives_the_local_table(reference, data_root: Path, tmp_path
     assert comparable(result.summaries) == comparable(local)
 
 
+def test_ray_executor_records_a_timeout(reference, data_root: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "textleak[ray]")')
+    fast = config(data_root, attacks=("tag:iterations=2",), batch_sizes=(1,), sentences=1)
+    slow = config(data_root, attacks=("tag:iterations=2", "tag:iterations=1000000"), batch_sizes=(1,), sentences=1)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:  # the fast batch first, unlimited (a fresh Ray worker pays for imports), then the stuck one under a limit
+        first = run_evaluation(fast, tmp_path / "run", executor=RayExecutor())
+        result = run_evaluation(slow, tmp_path / "run", executor=RayExecutor(time_limit=3.0))
+    finally:
+        ray.shutdown()
+    (done,) = first.records
+    assert result.skipped == 1 and result.ran == 1 and result.records[0] == done  # records: the whole store
+    stuck = result.records[1]
+    assert done["status"] == "ok" and stuck["status"] == "timeout" and "3 s time limit" in stuck["error"]
+    expected = next(r for r in reference.records if r["key"] == done["key"])
+    assert done["scores"] == expected["scores"] and done["recovered"] == expected["recovered"]
+    assert result.summaries[1].timeouts == 1 and result.summaries[1].batches == 0
+    stored = ResultStore(store_path(tmp_path / "run")).batches()
+    assert sorted(r["status"] for r in stored.values()) == ["ok", "timeout"]
+
+
 # --- command line ----------------------------------------------------------------------------------------------------
 
 
