@@ -215,3 +215,40 @@ def test_unfound_lengths_get_their_best_partial_attempt_before_repeats():
     out = _complete(accepted, rejected, 3, warnings)
     assert [f.ids for f in out] == [(101, 7, 8, 102), (101, 5, 4, 9, 102), (101, 7, 8, 102)]
     assert any("partial" in w for w in warnings) and any("repeats" in w for w in warnings)
+
+
+def _other_layout(kind: str):
+    """A tiny random DistilBERT (no token types, ``q_lin``/``k_lin``, ``transformer.layer``) or RoBERTa (positions
+    numbered from ``padding_idx + 1``) classifier with the packaged tokenizer."""
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    from textleak.models import LoadedModel, ModelSource
+
+    tokenizer = load_model("random:bert-tiny", head="classification").tokenizer
+    torch.manual_seed(0)
+    if kind == "distilbert":
+        config = DistilBertConfig(dim=128, n_layers=3, n_heads=2, hidden_dim=512, max_position_embeddings=64)
+        model = DistilBertForSequenceClassification(config)
+    else:
+        config = RobertaConfig(
+            vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
+            intermediate_size=512, max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id, type_vocab_size=1,
+        )
+        model = RobertaForSequenceClassification(config)
+    return LoadedModel(model.eval(), tokenizer, ModelSource(spec=kind, head="classification"))
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "roberta"])
+def test_distilbert_and_roberta_layouts_are_recovered_exactly(kind):
+    target = _other_layout(kind)
+    if kind == "roberta":
+        assert embedding_parts(target.model).position_offset == target.tokenizer.pad_token_id + 1
+    update, truth = simulate_client(target, SENTENCES, task="classification", labels=[0, 1], seed=0, reveal=())
+    result = SpanAttack().reconstruct(update, target)
+    assert _sorted(result.token_ids) == _sorted(truth.input_ids)
+    assert not result.warnings

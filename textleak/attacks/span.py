@@ -21,7 +21,14 @@ import torch
 
 from textleak.attacks.base import Progress, Reconstruction, check_requirements
 from textleak.attacks.mlm_labels import recover_originals
-from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch, assemble, assemble_by_anchors
+from textleak.attacks.span_assembly import (
+    ATTENTION_ACCEPT,
+    FirstLayer,
+    Found,
+    SentenceSearch,
+    assemble,
+    assemble_by_anchors,
+)
 from textleak.attacks.span_attention import attention_test
 from textleak.attacks.span_pairing import Pairing, pair_tokens
 from textleak.attacks.span_scoring import (
@@ -41,12 +48,16 @@ from textleak.update import Update
 DEAD = 1e-2
 #: A pairing share above this marks a token that occurs once in the batch, at that position.
 UNIQUE_SHARE = 0.9
-#: Sentence lengths tried around anchors: [SEP] positions holding at least this pairing share of [SEP]'s gradient
-#: ([SEP] passes the layer-1 check at every position, so those positions alone would try every length).
+#: Sentence lengths tried around anchors: of the [SEP] positions holding at least this pairing share of [SEP]'s
+#: gradient, the batch size largest ([SEP] passes the layer-1 check at every position, so those positions alone
+#: would try every length).
 ANCHOR_SEP_SHARE = 0.01
-#: Share of ``time_limit`` the anchor growth may spend: seeds in sentences too long for a head try every shorter
-#: length in vain, and on long-sentence data (RT) that time is the second-layer search's.
+#: Share of ``time_limit`` the anchor growth may spend, times the share of those lengths a head can read: seeds in
+#: sentences too long for a head try every shorter length in vain, and on long-sentence data (RT) that time is the
+#: second-layer search's.
 ANCHOR_SHARE = 0.5
+#: Share of ``time_limit`` for the quick second-layer pass before the anchors (one descent per sentence, no restarts)
+QUICK_SHARE = 0.2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +73,9 @@ class SpanConfig:
     restarts: random restarts of the per-sentence search (seeded). pairing: for B > 1, order and narrow each
     position's candidates by the embedding gradients' token-position pairing (span_pairing), keeping tokens whose
     share there is at least ``pair_floor``. attention: for B > 1, first grow a sentence around each token that
-    occurs once (needs pairing) with the first attention layer's per-token gradients (span_attention). time_limit:
+    occurs once (needs pairing) with the first attention layer's per-token gradients (span_attention). quick: before
+    that growth, one quick pass of the second-layer search (one descent per length, no restarts), which takes the
+    easy sentences in seconds; every sentence either finds must also agree with the anchors it holds. time_limit:
     seconds for the sentence search, after which the best answer so far is returned with a warning (None: no limit).
     """
 
@@ -77,6 +90,7 @@ class SpanConfig:
     pairing: bool = True
     pair_floor: float = 0.01
     attention: bool = True
+    quick: bool = True
     time_limit: float | None = None
 
     def __post_init__(self) -> None:
@@ -167,7 +181,7 @@ class SpanAttack:
             bag = sorted({t for tokens in passing for t in tokens})
             test = attention_test(model, update, parts, bag, meta.seq_len, types)
             if cfg.pairing:
-                pairing = pair_tokens(update, bag, meta.seq_len)
+                pairing = pair_tokens(update, bag, meta.seq_len, offset=parts.position_offset)
             timings["pairing"] = time.perf_counter() - clock
             if pairing is not None:
                 passing = _paired(passing, pairing, parts, span1, types[0], cfg.pair_floor, threshold)
@@ -210,22 +224,42 @@ class SpanAttack:
             seed=cfg.seed,
             time_limit=cfg.time_limit,
         )
-        anchored: list[Found] = []
-        if cfg.attention and test is not None and pairing is not None:
-            clock_anchor = time.perf_counter()
-            anchors = sorted((t, p) for t, p in single if t not in (sep, cls, pad))
-            anchors.sort(key=lambda pair: (pair[1], pair[0]))
-            ends = {p + 1 for p in range(len(passing)) if any(t == sep for t, _ in pairing.ranked(p, ANCHOR_SEP_SHARE))}
-            anchor_lengths = [n for n in lengths if n in ends] or lengths
-            budget = None if cfg.time_limit is None else cfg.time_limit * ANCHOR_SHARE
-            anchored = assemble_by_anchors(search, test, anchors, anchor_lengths, options_for, meta.batch_size, budget)
-            timings["anchors"] = time.perf_counter() - clock_anchor
+
         def search_options(length: int, accepted: list[Found]) -> list[list[int]]:
             """The second-layer search's options: each position's first ``max_candidates`` (it tries their products
-            in part; the anchors above use every candidate)."""
+            in part; the anchors use every candidate)."""
             return [tokens[: cfg.max_candidates] for tokens in options_for(length, accepted)]
 
-        accepted, rejected = assemble(search, lengths, search_options, meta.batch_size, accepted=anchored)
+        quick: list[Found] = []
+        anchored: list[Found] = []
+        confirm = None
+        if cfg.attention and test is not None and pairing is not None:
+            clock_anchor = time.perf_counter()
+            anchor_set = {(t, p) for t, p in single if t not in (sep, cls, pad)}
+
+            def confirm(found: Found) -> bool:
+                return test.confirms(found.ids, anchor_set, ATTENTION_ACCEPT)
+
+            shares = {p + 1: w for p in range(len(passing)) for t, w in pairing.ranked(p, ANCHOR_SEP_SHARE) if t == sep}
+            ends = sorted(shares, key=shares.__getitem__, reverse=True)[: meta.batch_size]  # each ends a sentence
+            anchor_lengths = [n for n in lengths if n in ends] or lengths
+            budget = None if cfg.time_limit is None else cfg.time_limit * QUICK_SHARE
+            if cfg.quick:
+                quick, _ = assemble(
+                    search, anchor_lengths, search_options, meta.batch_size, quick=True, budget=budget, confirm=confirm
+                )
+            timings["quick"] = time.perf_counter() - clock_anchor
+            anchors = sorted(anchor_set, key=lambda pair: (pair[1], pair[0]))
+            readable = sum(test.usable(n) for n in anchor_lengths) / len(anchor_lengths)
+            budget = None if cfg.time_limit is None else cfg.time_limit * ANCHOR_SHARE * readable
+            anchored = assemble_by_anchors(
+                search, test, anchors, anchor_lengths, options_for, meta.batch_size, budget,
+                accepted=quick, confirm=confirm,
+            )
+            timings["anchors"] = time.perf_counter() - clock_anchor - timings["quick"]
+        accepted, rejected = assemble(
+            search, lengths, search_options, meta.batch_size, accepted=anchored, confirm=confirm
+        )
         if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites
             rejected = [Found(tuple(options[0] for options in options_for(lengths[0], [])), math.inf)]
         if search.expired and len(accepted) < meta.batch_size:
@@ -245,7 +279,8 @@ class SpanAttack:
             "lengths": [len(f.ids) for f in sentences],
             "candidate_lengths": lengths,
             "estimated_sequences": len(accepted),
-            "anchored_sentences": len(anchored),
+            "quick_sentences": len(quick),
+            "anchored_sentences": len(anchored) - len(quick),
             "sentence_scores": [f.score for f in sentences],
             "candidates": _candidate_table(ids, res, threshold),
         }

@@ -28,12 +28,13 @@ class FirstLayer:
         base = getattr(model, "base_model", model)
         self.embeddings = copy.deepcopy(base.embeddings).to(torch.float64).eval()
         self.layer = copy.deepcopy(encoder_layers(model)[0]).to(torch.float64).eval()
+        self.typed = getattr(self.embeddings, "token_type_embeddings", None) is not None  # DistilBERT has none
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, token_type: int = 0) -> torch.Tensor:
         """Hidden states (n, L, d) after the first layer for n unpadded sentences of equal length L."""
-        types = torch.full_like(ids, token_type)
-        hidden = self.embeddings(input_ids=ids, token_type_ids=types)
+        types = {"token_type_ids": torch.full_like(ids, token_type)} if self.typed else {}
+        hidden = self.embeddings(input_ids=ids, **types)
         out = self.layer(hidden)
         return out[0] if isinstance(out, tuple) else out
 
@@ -90,13 +91,19 @@ class SentenceSearch:
             worst.append(rows.amax(dim=-1))
         return torch.cat(objective), torch.cat(worst)
 
-    def search(self, start: list[int], options: list[list[int]], avoid: set[tuple[int, ...]] = frozenset()) -> Found:
+    def search(
+        self,
+        start: list[int],
+        options: list[list[int]],
+        avoid: set[tuple[int, ...]] = frozenset(),
+        restarts: int | None = None,
+    ) -> Found:
         """Coordinate descent from ``start`` and one joint repair of its worst rows, then alternately from random
         starts and from the best sentence so far with 2-4 positions redrawn (iterated local search), until a
-        sentence scores below ``accept``."""
+        sentence scores below ``accept``; at most ``restarts`` restarts (default: the search's own)."""
         best = self.repair(self.descend(start, options, avoid), options, avoid)
         free = [p for p, tokens in enumerate(options) if len(tokens) > 1]
-        for attempt in range(self.restarts):
+        for attempt in range(self.restarts if restarts is None else restarts):
             if best.score <= self.accept or not free or self.expired:
                 break
             kicked = list(best.ids)
@@ -189,8 +196,15 @@ def assemble(
     options_for: Callable[[int, list[Found]], list[list[int]]],
     batch_size: int,
     accepted: list[Found] | None = None,
+    quick: bool = False,
+    budget: float | None = None,
+    confirm: Callable[[Found], bool] | None = None,
 ) -> tuple[list[Found], list[Found]]:
     """Find up to ``batch_size`` sentences over the candidate ``lengths`` (best first), after any ``accepted`` ones.
+
+    ``quick``: one pass over the lengths, one descent each among each position's ``batch_size`` favourites, no
+    restarts (finds the easy sentences in seconds). ``budget`` (seconds) bounds the call within the search's time limit.
+    ``confirm``: a second test a sentence must also pass (e.g. ``AttentionTest.confirms``).
 
     ``options_for(length, accepted)`` gives the allowed tokens per position (the first option is the layer-1 favourite,
     fixed positions have one option). Returns (accepted sentences, best rejected attempts).
@@ -198,33 +212,48 @@ def assemble(
     accepted = list(accepted or [])
     rejected: list[Found] = []
     found: set[tuple[int, ...]] = {f.ids for f in accepted}
-    pending = list(lengths)
+    # lengths no sentence holds yet come first: each candidate length was seen to end a sentence
+    held = {len(f.ids) for f in accepted}
+    pending = [n for n in lengths if n not in held] + [n for n in lengths if n in held]
     progress = True
-    while len(accepted) < batch_size and progress and not search.expired:
+    stop = math.inf if budget is None else time.perf_counter() + budget
+
+    def over() -> bool:
+        return search.expired or time.perf_counter() > stop
+
+    while len(accepted) < batch_size and progress and not over():
         progress = False
         for length in list(pending):
-            if len(accepted) >= batch_size or search.expired:
+            if len(accepted) >= batch_size or over():
                 break
-            result = _search_narrow_first(search, options_for(length, accepted), batch_size, accepted, found)
-            if result.score <= search.accept:
+            result = _search_narrow_first(search, options_for(length, accepted), batch_size, accepted, found, quick)
+            if result.score <= search.accept and (confirm is None or confirm(result)):
                 accepted.append(result)
                 found.add(result.ids)
                 progress = True
             else:
                 rejected.append(result)
                 pending.remove(length)
+        if quick:  # one attempt per length: a repeat after a narrow miss elsewhere risks a near-miss sentence
+            break
     return accepted, rejected
 
 
 def _search_narrow_first(
-    search: SentenceSearch, options: list[list[int]], batch_size: int, accepted: list[Found], found: set
+    search: SentenceSearch,
+    options: list[list[int]],
+    batch_size: int,
+    accepted: list[Found],
+    found: set,
+    quick: bool = False,
 ) -> Found:
     """Search among each position's ``batch_size`` best layer-1 candidates first (a position holds at most that
-    many true tokens, and near-passing tokens from elsewhere in the batch usually score worse), then among all."""
+    many true tokens, and near-passing tokens from elsewhere in the batch usually score worse), then among all
+    (``quick``: only the first, without restarts)."""
     taken = [f.ids for f in accepted]
     narrow = [tokens[:batch_size] for tokens in options]
-    result = search.search(_start_avoiding(narrow, taken), narrow, avoid=found)
-    if result.score <= search.accept or narrow == options or search.expired:
+    result = search.search(_start_avoiding(narrow, taken), narrow, avoid=found, restarts=0 if quick else None)
+    if result.score <= search.accept or narrow == options or search.expired or quick:
         return result
     wide = search.search(_start_avoiding(options, taken), options, avoid=found)
     return min(result, wide, key=lambda f: f.score)
@@ -248,8 +277,12 @@ def assemble_by_anchors(
     options_for: Callable[[int, list[Found]], list[list[int]]],
     batch_size: int,
     budget: float | None = None,
+    accepted: list[Found] | None = None,
+    confirm: Callable[[Found], bool] | None = None,
 ) -> list[Found]:
-    """Sentences grown around anchors: tokens that occur once in the batch, at their known position.
+    """Sentences grown around anchors (tokens that occur once in the batch, at their known position), after any
+    ``accepted`` ones; ``confirm`` as in ``assemble``. Stops once every length the test can read holds a sentence
+    (``lengths`` are the batch's sentence ends, one sentence each unless two share a length).
 
     ``budget`` (seconds) bounds this phase, leaving the rest of the search's time to the second-layer search.
 
@@ -259,21 +292,39 @@ def assemble_by_anchors(
     (``AttentionTest``); the best sentence is kept when the second layer's span confirms it. Lengths the test
     cannot read (too long for a head) are left to ``assemble``.
     """
-    accepted: list[Found] = []
-    stop = math.inf if budget is None else time.perf_counter() + budget
+    accepted = list(accepted or [])
+    deadline = math.inf if budget is None else time.perf_counter() + budget
+
+    def stop() -> bool:
+        return search.expired or time.perf_counter() > deadline
+    promise: dict[tuple[int, int], float] = {}  # each seed's best residual in the quick pass
+    readable = [n for n in lengths if test.usable(n)]
+
+    def done() -> bool:  # a sentence at every length the test can read: the rest are too long for it
+        held = {len(f.ids) for f in accepted}
+        return len(accepted) >= batch_size or all(n in held for n in readable)
+
     for restarts in (0, search.restarts):  # a quick pass, then one with restarts once others are found
-        for token, position in anchors:
-            if len(accepted) >= batch_size or search.expired or time.perf_counter() > stop:
+        # the pass with restarts takes the most promising seeds first (a seed whose sentence is too long for a
+        # head, or not among the lengths, stays far from zero)
+        for token, position in sorted(anchors, key=lambda seed: promise.get(seed, 0.0)):
+            if done() or stop():
                 break
             if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
                 continue
-            best = _grow(search, test, (token, position), anchors, lengths, options_for, accepted, batch_size, restarts)
+            best = _grow(
+                search, test, (token, position), anchors, lengths, options_for, accepted, batch_size, restarts, stop
+            )
             if best is None:
+                promise[token, position] = math.inf
                 continue
+            promise[token, position] = best[0]
             _, worst = search.score(torch.tensor([best[1]]))
             ids = tuple(best[1])
-            if float(worst[0]) <= search.accept and all(ids != f.ids for f in accepted):
-                accepted.append(Found(ids, float(worst[0])))
+            found = Found(ids, float(worst[0]))
+            fresh = all(ids != f.ids for f in accepted)
+            if found.score <= search.accept and fresh and (confirm is None or confirm(found)):
+                accepted.append(found)
     return accepted
 
 
@@ -287,6 +338,7 @@ def _grow(
     accepted: list[Found],
     batch_size: int,
     restarts: int,
+    stop: Callable[[], bool],
 ) -> tuple[float, list[int]] | None:
     """(seed residual, sentence) of the best sentence around ``seed``: per length, one descent from the greedy
     (matching-pursuit) sentence among each position's ``batch_size`` favourites that may sit there (a once-seen
@@ -298,7 +350,7 @@ def _grow(
     once = {t for t, _ in anchors}
     trials: list[tuple[float, list[int], list[list[int]], set[tuple[int, int]]]] = []
     for length in lengths:
-        if length <= position + 1 or not test.usable(length) or search.expired:
+        if length <= position + 1 or not test.usable(length) or stop():
             continue
         options = [[t for t in tokens if test.knows(t)] for tokens in options_for(length, accepted)]
         options[position] = [token]
@@ -309,9 +361,11 @@ def _grow(
         possible = [[t for t in tokens if t not in once or (t, p) in anchor_set] for p, tokens in enumerate(options)]
         narrow = [tokens[:batch_size] or options[p][:1] for p, tokens in enumerate(possible)]
         start = test.greedy(token, narrow)
-        found = _descend_attention(search, test, seed, placed, narrow, taken, start, restarts=0)
+        found = _descend_attention(search, test, seed, placed, narrow, taken, start, restarts=0, stop=stop)
         if found[0] > ATTENTION_ACCEPT:
-            found = min(found, _descend_attention(search, test, seed, placed, options, taken, found[1], restarts=0))
+            found = min(found, _descend_attention(
+                search, test, seed, placed, options, taken, found[1], restarts=0, stop=stop
+            ))
         if found[0] <= ATTENTION_ACCEPT:
             return found
         trials.append((*found, options, placed))
@@ -319,9 +373,9 @@ def _grow(
         return min(trials, key=lambda trial: trial[0])[:2] if trials else None
     best = min(trials, key=lambda trial: trial[0])[:2]
     for _, sentence, options, placed in sorted(trials, key=lambda trial: trial[0])[:2]:
-        if search.expired:
+        if stop():
             break
-        found = _descend_attention(search, test, seed, placed, options, taken, sentence, restarts=restarts)
+        found = _descend_attention(search, test, seed, placed, options, taken, sentence, restarts=restarts, stop=stop)
         best = min(best, found)
         if best[0] <= ATTENTION_ACCEPT:
             break
@@ -359,6 +413,7 @@ def _descend_attention(
     start: list[int] | None = None,
     *,
     restarts: int,
+    stop: Callable[[], bool],
 ) -> tuple[float, list[int]]:
     """(seed's attention residual, sentence): coordinate descent on the anchors' objective from ``start`` (default:
     the favourites), then
@@ -378,11 +433,11 @@ def _descend_attention(
                 tokens = options[free[k]]
                 current[free[k]] = tokens[int(torch.randint(len(tokens), (1,), generator=search.generator))]
         current, value, seed_res = coordinate_descent(
-            current, options, objective, 4 * search.max_sweeps, lambda: search.expired
+            current, options, objective, 4 * search.max_sweeps, stop
         )
         if best is None or value < best[0]:
             best = (value, seed_res, current)
-        if best[1] <= ATTENTION_ACCEPT or search.expired or not free:
+        if best[1] <= ATTENTION_ACCEPT or stop() or not free:
             break
     assert best is not None
     return best[1], best[2]

@@ -102,6 +102,18 @@ class AttentionTest:
             norm = norm + gk.square().sum(dim=(1, 2))
         return (rest / norm.clamp_min(1e-300)).sqrt()
 
+    def confirms(self, sentence: list[int] | tuple[int, ...], anchors: set[tuple[int, int]], accept: float) -> bool:
+        """Whether a candidate sentence is consistent with the anchors it holds ((token, position) pairs of tokens
+        seen once): true when it holds none the test can read, or when at least one has a residual <= ``accept``.
+
+        One anchor suffices: a token seen twice at the same position also looks like an anchor, and its residual
+        mixes both sentences; a wrong sentence (a prefix of a true one, say) fails at every anchor it holds.
+        """
+        held = sorted({t for t, p in anchors if p < len(sentence) and sentence[p] == t and self.knows(t)})
+        if not held or not self.usable(len(sentence)) or not all(self.knows(t) for t in sentence):
+            return True
+        return bool((self.residual(held, torch.tensor([list(sentence)]))[0] <= accept).any())
+
     def greedy(self, token: int, options: list[list[int]]) -> list[int]:
         """A sentence built around ``token`` by forward selection (group orthogonal matching pursuit over heads).
 

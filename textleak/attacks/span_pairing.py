@@ -75,8 +75,11 @@ def _untied(word: torch.Tensor, bag: list[int]) -> bool:
     return float(word[outside].abs().max()) == 0.0
 
 
-def pair_tokens(update: Update, bag: list[int], positions: int, *, iterations: int = 3000) -> Pairing | None:
-    """Token-position weights for the candidate ``bag`` over the first ``positions`` positions.
+def pair_tokens(
+    update: Update, bag: list[int], positions: int, *, offset: int = 0, iterations: int = 3000
+) -> Pairing | None:
+    """Token-position weights for the candidate ``bag`` over the first ``positions`` positions (position 0 at
+    table row ``offset``).
 
     None when the update lacks the word- or position-embedding gradient (frozen embeddings), when a tied decoder
     adds to the word gradient (mlm, all-tokens), or when the bag is empty.
@@ -85,7 +88,7 @@ def pair_tokens(update: Update, bag: list[int], positions: int, *, iterations: i
     word, position = _gradient(update, WORD), _gradient(update, POSITION)
     if word is None or position is None or not bag or not _untied(word, bag):
         return None
-    targets, rows = position[:positions], word[bag]
+    targets, rows = position[offset : offset + positions], word[bag]
     scale = float(targets.norm()) or 1.0
     rows, targets = rows / scale, targets / scale
     lipschitz = float(torch.linalg.matrix_norm(rows @ rows.T, 2)) or 1.0

@@ -127,27 +127,35 @@ class EmbeddingParts:
     """The first layer's input pieces: word, position and type tables plus the LayerNorm, in float64."""
 
     word: torch.Tensor  # (V, d)
-    position: torch.Tensor  # (P, d)
+    position: torch.Tensor  # (P, d): row p is position p (RoBERTa's offset rows already dropped)
     token_type: torch.Tensor  # (T, d); a single zero row for models without token types
     gamma: torch.Tensor
     beta: torch.Tensor
     eps: float
+    position_offset: int = 0  # table row of position 0 (RoBERTa: padding_idx + 1)
 
 
 def embedding_parts(model: torch.nn.Module) -> EmbeddingParts:
-    """Read the embedding tables and LayerNorm of a BERT-family model by structure."""
+    """Read the embedding tables and LayerNorm of a BERT-family model by structure.
+
+    RoBERTa-style embeddings (a ``padding_idx`` on the embedding module) number positions from
+    ``padding_idx + 1``; their first rows are dropped so that row p is always the p-th token's position.
+    """
     emb = getattr(model, "base_model", model).embeddings
+    offset = getattr(emb, "padding_idx", None)
+    offset = 0 if offset is None else offset + 1
     word = emb.word_embeddings.weight.detach().to(torch.float64)
     types = getattr(emb, "token_type_embeddings", None)
     token_type = torch.zeros(1, word.shape[1], dtype=torch.float64) if types is None else types.weight.detach()
     norm = next(m for m in emb.modules() if isinstance(m, torch.nn.LayerNorm))
     return EmbeddingParts(
         word=word,
-        position=emb.position_embeddings.weight.detach().to(torch.float64),
+        position=emb.position_embeddings.weight.detach()[offset:].to(torch.float64),
         token_type=token_type.to(torch.float64),
         gamma=norm.weight.detach().to(torch.float64),
         beta=norm.bias.detach().to(torch.float64),
         eps=float(norm.eps),
+        position_offset=offset,
     )
 
 
