@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -29,7 +31,7 @@ from textleak.attacks.span_assembly import (
     assemble,
     assemble_by_anchors,
 )
-from textleak.attacks.span_attention import attention_test
+from textleak.attacks.span_attention import AttentionTest, attention_test
 from textleak.attacks.span_pairing import Pairing, pair_tokens
 from textleak.attacks.span_scoring import (
     EmbeddingParts,
@@ -232,14 +234,11 @@ class SpanAttack:
 
         quick: list[Found] = []
         anchored: list[Found] = []
-        confirm = None
+        confirm: Callable[[Found], bool] | None = None
         if cfg.attention and test is not None and pairing is not None:
             clock_anchor = time.perf_counter()
             anchor_set = {(t, p) for t, p in single if t not in (sep, cls, pad)}
-
-            def confirm(found: Found) -> bool:
-                return test.confirms(found.ids, anchor_set, ATTENTION_ACCEPT)
-
+            confirm = partial(_agrees, test, anchor_set)
             shares = {p + 1: w for p in range(len(passing)) for t, w in pairing.ranked(p, ANCHOR_SEP_SHARE) if t == sep}
             ends = sorted(shares, key=shares.__getitem__, reverse=True)[: meta.batch_size]  # each ends a sentence
             anchor_lengths = [n for n in lengths if n in ends] or lengths
@@ -389,6 +388,11 @@ def _rank_warnings(span: SpanBasis, which: str) -> list[str]:
     if span.gap < 10:
         return [f"the {which} layer's rank estimate ({span.rank}) is ambiguous: its spectral gap is {span.gap:.1f}x"]
     return []
+
+
+def _agrees(test: AttentionTest, anchors: set[tuple[int, int]], found: Found) -> bool:
+    """Whether a sentence agrees with the once-seen tokens it holds (``AttentionTest.confirms``)."""
+    return test.confirms(found.ids, anchors, ATTENTION_ACCEPT)
 
 
 def _token_types(update: Update) -> list[int]:
