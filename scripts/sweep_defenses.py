@@ -4,7 +4,8 @@ Threat model per batch: the client trains on B consecutive CoLA dev sentences an
 defense; the attacker runs each chosen attack on what arrives (a FedAvg delta is read as the average gradient it
 implies, ``-delta / (lr * steps)``, as an attacker would); the evaluator scores the answer against the private
 batch. Beside recovery it records the cosine similarity of the defended update to the clean one and, with
-``--fine-tune-steps``, the CoLA accuracy a short fine-tuning run reaches under the defense.
+``--fine-tune-steps``, the accuracy a short fine-tuning run reaches under the defense (CoLA, or SST-2 with
+``--fine-tune-data sst2``).
 
 Every result is appended to ``OUT/results.jsonl`` as it comes (a crash loses nothing; a rerun skips what is
 there), then ``OUT/table.md`` and ``OUT/recovery.png`` are rendered from all rows.
@@ -83,6 +84,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sentences", type=int, default=4, help="CoLA dev sentences per batch size")
     parser.add_argument("--families", nargs="+", default=None, help=f"subset of {sorted(GRID)}")
     parser.add_argument("--fine-tune-steps", type=int, default=0, help="utility run length per defense (0: none)")
+    parser.add_argument(
+        "--fine-tune-data", choices=["cola", "sst2"], default="cola",
+        help="utility task: train.tsv / dev.tsv of this data set under --data-root",
+    )
+    parser.add_argument("--fine-tune-lr", type=float, default=1e-4, help="utility run's Adam learning rate")
     parser.add_argument("--quick", action="store_true", help="fewer strengths per family")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/defense_sweep"))
@@ -240,14 +246,18 @@ def run(args: argparse.Namespace) -> Path:
         family, strength, specs = item[1]
         head = {**base, "family": family, "strength": strength, "specs": specs}
         if item[0] == "utility":
+            if args.fine_tune_data != "cola" or args.fine_tune_lr != 1e-4:  # the first sweeps' keys stay valid
+                head.update(fine_tune_data=args.fine_tune_data, fine_tune_lr=args.fine_tune_lr)
             if (key := row_key({**head, "kind": "utility"})) in done or not claim(args.claim_dir, key):
                 continue
+            tuning = args.data_root / args.fine_tune_data
             result = fine_tune(
                 args.model,
-                train_path=cola / "train.tsv",
-                eval_path=cola / "dev.tsv",
+                train_path=tuning / "train.tsv",
+                eval_path=tuning / "dev.tsv",
                 defenses=specs,
                 steps=args.fine_tune_steps,
+                lr=args.fine_tune_lr,
                 seed=args.seed,
             ).to_dict()
             result.pop("losses")
@@ -346,12 +356,15 @@ def render_utility(rows: list[dict]) -> str:
     if not runs:
         return ""
     lines = [
-        "| defense | strength | model | steps | train loss | eval loss | eval acc | majority acc | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| defense | strength | model | data | lr | steps | train loss | eval loss | eval acc | majority acc"
+        " | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
+        data, lr = r.get("fine_tune_data", "cola"), r.get("fine_tune_lr", 1e-4)
         lines.append(
-            f"| {r['family']} | {r['strength']:g} | {r['model']} | {r['steps']} | {r['train_loss']:.4f}"
+            f"| {r['family']} | {r['strength']:g} | {r['model']} | {data} | {lr:g} | {r['steps']}"
+            f" | {r['train_loss']:.4f}"
             f" | {r['eval_loss']:.4f} | {r['eval_accuracy']:.3f} | {r['majority_accuracy']:.3f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ from conftest import load_script
 
 from textleak.attacks import get_attack
 from textleak.client import batch_gradients, encode_batch, simulate_client
+from textleak.data import read_labelled
 from textleak.defenses import (
     DEFENSES,
     DPSGD,
@@ -371,6 +372,21 @@ def test_fine_tune_runs_a_few_steps_with_and_without_a_defense():
     assert defended.defenses == [{"name": "prune", "ratio": 0.9}]
     assert clean.losses[0] == defended.losses[0]  # same seed, same first batch and weights
     assert clean.losses[1:] != defended.losses[1:]
+
+
+def test_fine_tune_reads_sst2_and_cola_layouts(tmp_path: Path):
+    sst2 = tmp_path / "sst2.tsv"
+    sst2.write_text("sentence\tlabel\na fine film \t1\ndull and slow\t0\nwarm , funny\t1\nflat\t0\n")
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n")
+    assert read_labelled(sst2) == (["a fine film", "dull and slow", "warm , funny", "flat"], [1, 0, 1, 0])
+    assert read_labelled(cola) == (["The cat sat.", "Cat the sat."], [1, 0])
+    (tmp_path / "bad.tsv").write_text("sentence\tlabel\nno label here\n")
+    with pytest.raises(ValueError, match="bad.tsv:2: expected 2 tab-separated columns"):
+        read_labelled(tmp_path / "bad.tsv")
+    result = fine_tune(steps=2, batch_size=2, eval_size=4, lr=1e-3, train_path=sst2, eval_path=sst2)
+    assert len(result.losses) == 2 and result.majority_accuracy == 0.5
+    assert result.eval_accuracy in (0, 0.25, 0.5, 0.75, 1)
 
 
 def test_secure_aggregation_is_not_a_per_client_defense(mlm_model):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from textleak.client import batch_loss, encode_batch
-from textleak.data import read_cola
+from textleak.data import read_labelled
 from textleak.defenses import as_defenses
 from textleak.defenses.base import Defense, Gradients
 from textleak.defenses.client import defended_client
@@ -129,7 +129,8 @@ def fine_tune(
     eval_size: int = 200,
     max_length: int = 64,
 ) -> FineTuneResult:
-    """Fine-tune a classifier on CoLA files for ``steps`` Adam steps, every update passed through ``defenses``.
+    """Fine-tune a classifier on labelled tsv files (CoLA, or SST-2's header layout) for ``steps`` Adam steps at
+    ``lr``, every update passed through ``defenses``.
 
     Each step draws ``batch_size`` training sentences (seeded), the defended client computes its update, and
     the server applies it. ``train_loss`` is the mean clean batch loss of the last tenth of the steps.
@@ -137,8 +138,8 @@ def fine_tune(
     if steps < 1 or batch_size < 1 or eval_size < 1:
         raise ValueError(f"steps, batch_size and eval_size must be >= 1, got {steps}, {batch_size}, {eval_size}")
     chain = as_defenses(defenses)
-    train_sentences, train_labels = read_cola(train_path)
-    eval_sentences, eval_labels = (values[:eval_size] for values in read_cola(eval_path))
+    train_sentences, train_labels = read_labelled(train_path)
+    eval_sentences, eval_labels = (values[:eval_size] for values in read_labelled(eval_path))
     target = load_model(spec, head="classification", seed=seed)
     optimizer = torch.optim.Adam(target.model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
