@@ -204,7 +204,8 @@ def assemble(
 
     ``quick``: one pass over the lengths, one descent each among each position's ``batch_size`` favourites, no
     restarts (finds the easy sentences in seconds). ``budget`` (seconds) bounds the call within the search's time limit.
-    ``confirm``: a second test a sentence must also pass (e.g. ``AttentionTest.confirms``).
+    ``confirm``: a second test a sentence must also pass (e.g. ``AttentionTest.confirms``). Under a time limit,
+    time left after a round goes to further rounds over every length, each with twice the restarts.
 
     ``options_for(length, accepted)`` gives the allowed tokens per position (the first option is the layer-1 favourite,
     fixed positions have one option). Returns (accepted sentences, best rejected attempts).
@@ -212,31 +213,37 @@ def assemble(
     accepted = list(accepted or [])
     rejected: list[Found] = []
     found: set[tuple[int, ...]] = {f.ids for f in accepted}
-    # lengths no sentence holds yet come first: each candidate length was seen to end a sentence
-    held = {len(f.ids) for f in accepted}
-    pending = [n for n in lengths if n not in held] + [n for n in lengths if n in held]
-    progress = True
     stop = math.inf if budget is None else time.perf_counter() + budget
 
     def over() -> bool:
         return search.expired or time.perf_counter() > stop
 
-    while len(accepted) < batch_size and progress and not over():
-        progress = False
-        for length in list(pending):
-            if len(accepted) >= batch_size or over():
+    restarts = 0 if quick else search.restarts
+    while True:
+        # lengths no sentence holds yet come first: each candidate length was seen to end a sentence
+        held = {len(f.ids) for f in accepted}
+        pending = [n for n in lengths if n not in held] + [n for n in lengths if n in held]
+        progress = True
+        while len(accepted) < batch_size and progress and not over():
+            progress = False
+            for length in list(pending):
+                if len(accepted) >= batch_size or over():
+                    break
+                options = options_for(length, accepted)
+                result = _search_narrow_first(search, options, batch_size, accepted, found, quick, restarts)
+                if result.score <= search.accept and (confirm is None or confirm(result)):
+                    accepted.append(result)
+                    found.add(result.ids)
+                    progress = True
+                else:
+                    rejected.append(result)
+                    pending.remove(length)
+            if quick:  # one attempt per length: a repeat after a narrow miss elsewhere risks a near-miss sentence
                 break
-            result = _search_narrow_first(search, options_for(length, accepted), batch_size, accepted, found, quick)
-            if result.score <= search.accept and (confirm is None or confirm(result)):
-                accepted.append(result)
-                found.add(result.ids)
-                progress = True
-            else:
-                rejected.append(result)
-                pending.remove(length)
-        if quick:  # one attempt per length: a repeat after a narrow miss elsewhere risks a near-miss sentence
-            break
-    return accepted, rejected
+        # time left under a time limit: another round over every length, with twice the restarts
+        if quick or len(accepted) >= batch_size or over() or math.isinf(search.deadline):
+            return accepted, rejected
+        restarts = 2 * restarts + 1
 
 
 def _search_narrow_first(
@@ -245,17 +252,18 @@ def _search_narrow_first(
     batch_size: int,
     accepted: list[Found],
     found: set,
-    quick: bool = False,
+    quick: bool,
+    restarts: int,
 ) -> Found:
     """Search among each position's ``batch_size`` best layer-1 candidates first (a position holds at most that
     many true tokens, and near-passing tokens from elsewhere in the batch usually score worse), then among all
-    (``quick``: only the first, without restarts)."""
+    (``quick``: only the first). ``restarts`` per search."""
     taken = [f.ids for f in accepted]
     narrow = [tokens[:batch_size] for tokens in options]
-    result = search.search(_start_avoiding(narrow, taken), narrow, avoid=found, restarts=0 if quick else None)
+    result = search.search(_start_avoiding(narrow, taken), narrow, avoid=found, restarts=restarts)
     if result.score <= search.accept or narrow == options or search.expired or quick:
         return result
-    wide = search.search(_start_avoiding(options, taken), options, avoid=found)
+    wide = search.search(_start_avoiding(options, taken), options, avoid=found, restarts=restarts)
     return min(result, wide, key=lambda f: f.score)
 
 
