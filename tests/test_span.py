@@ -217,7 +217,7 @@ def test_unfound_lengths_get_their_best_partial_attempt_before_repeats():
     assert any("partial" in w for w in warnings) and any("repeats" in w for w in warnings)
 
 
-def _other_layout(kind: str):
+def _other_layout(kind: str, vocab_size: int | None = None):
     """A tiny random DistilBERT (no token types, ``q_lin``/``k_lin``, ``transformer.layer``) or RoBERTa (positions
     numbered from ``padding_idx + 1``) classifier with the packaged tokenizer."""
     from transformers import (
@@ -236,7 +236,7 @@ def _other_layout(kind: str):
         model = DistilBertForSequenceClassification(config)
     else:
         config = RobertaConfig(
-            vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
+            vocab_size=vocab_size or len(tokenizer), hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
             intermediate_size=512, max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id, type_vocab_size=1,
         )
         model = RobertaForSequenceClassification(config)
@@ -252,3 +252,13 @@ def test_distilbert_and_roberta_layouts_are_recovered_exactly(kind):
     result = SpanAttack().reconstruct(update, target)
     assert _sorted(result.token_ids) == _sorted(truth.input_ids)
     assert not result.warnings
+
+
+def test_word_rows_past_the_tokenizer_are_never_proposed_and_too_few_are_refused():
+    padded = _other_layout("roberta", vocab_size=30600)  # models often pad their vocabulary to a round size
+    update, truth = simulate_client(padded, SENTENCES, task="classification", labels=[0, 1], seed=0, reveal=())
+    assert _sorted(SpanAttack().reconstruct(update, padded).token_ids) == _sorted(truth.input_ids)
+    short = _other_layout("roberta", vocab_size=30000)  # the sentences' ids all lie below 30000
+    update, _ = simulate_client(short, SENTENCES, task="classification", labels=[0, 1], seed=0, reveal=())
+    with pytest.raises(ValueError, match="30522 tokens but the model only 30000 word embeddings"):
+        SpanAttack().reconstruct(update, short)

@@ -165,8 +165,9 @@ class SpanAttack:
         warnings += _rank_warnings(span1, "first")
         types = _token_types(update)
         parts = embedding_parts(model)
+        exclude = _reserved(tok, parts.word.shape[0])
         res, ids = candidate_residuals(
-            parts, span1, meta.seq_len, types, keep=_keep(cfg, span1), chunk=cfg.chunk, exclude=_reserved(tok)
+            parts, span1, meta.seq_len, types, keep=_keep(cfg, span1), chunk=cfg.chunk, exclude=exclude
         )
         res, ids = res[:, 0], ids[:, 0]  # single-segment inputs: the first present token type
         threshold = cfg.threshold if cfg.threshold is not None else auto_threshold(res)
@@ -359,10 +360,18 @@ def _keep(cfg: SpanConfig, span: SpanBasis) -> int:
     return max(cfg.max_candidates, span.rank + 1) if not span.full else cfg.max_candidates
 
 
-def _reserved(tokenizer: Any) -> torch.Tensor:
-    """Mask of vocabulary entries the tokenizer never emits (BERT's ``[unused17]`` and the like)."""
+def _reserved(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """Mask over the model's ``vocab_size`` word rows of entries the tokenizer never emits (BERT's ``[unused17]``
+    and the like, and rows past the tokenizer's vocabulary, which some models pad to a round size)."""
+    if vocab_size < len(tokenizer):
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} word embeddings: "
+            f"they do not belong together"
+        )
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return torch.tensor([t is not None and t.startswith("[unused") for t in tokens])
+    mask = torch.ones(vocab_size, dtype=torch.bool)
+    mask[: len(tokens)] = torch.tensor([t is not None and t.startswith("[unused") for t in tokens])
+    return mask
 
 
 def _candidate_table(ids: torch.Tensor, res: torch.Tensor, threshold: float) -> list[list[list[float]]]:
