@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -188,6 +189,18 @@ def test_time_limit_returns_the_best_answer_with_a_warning(models):
     result = SpanAttack(time_limit=1e-6).reconstruct(update, target)
     assert len(result.token_ids) == 2
     assert any("time limit" in w for w in result.warnings)
+
+
+def test_a_failed_search_uses_the_rest_of_its_time_limit_then_says_so(models):
+    target = models[("random:bert-mini", "classification")]
+    update, _ = simulate_client(target, SENTENCES, task="classification", seed=0, reveal=())
+    clock = time.perf_counter()
+    result = SpanAttack(accept=1e-15, time_limit=2.0).reconstruct(update, target)  # nothing can pass
+    assert time.perf_counter() - clock >= 2.0  # further rounds with more restarts until the limit
+    assert result.details["estimated_sequences"] == 0
+    assert any("time limit" in w for w in result.warnings)
+    untimed = SpanAttack(accept=1e-15).reconstruct(update, target)  # no limit: one round, then the best attempts
+    assert untimed.details["estimated_sequences"] == 0 and not any("time limit" in w for w in untimed.warnings)
 
 
 def test_small_noise_leaves_a_flat_bulk_that_the_rank_estimate_sees_through():
