@@ -305,6 +305,7 @@ def assemble_by_anchors(
 
     def stop() -> bool:
         return search.expired or time.perf_counter() > deadline
+
     promise: dict[tuple[int, int], float] = {}  # each seed's best residual in the quick pass
     readable = [n for n in lengths if test.usable(n)]
 
@@ -371,9 +372,8 @@ def _grow(
         start = test.greedy(token, narrow)
         found = _descend_attention(search, test, seed, placed, narrow, taken, start, restarts=0, stop=stop)
         if found[0] > ATTENTION_ACCEPT:
-            found = min(found, _descend_attention(
-                search, test, seed, placed, options, taken, found[1], restarts=0, stop=stop
-            ))
+            wide = _descend_attention(search, test, seed, placed, options, taken, found[1], restarts=0, stop=stop)
+            found = min(found, wide)
         if found[0] <= ATTENTION_ACCEPT:
             return found
         trials.append((*found, options, placed))
