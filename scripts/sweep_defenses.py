@@ -39,6 +39,7 @@ from textleak.data import read_cola
 from textleak.defenses.client import defended_client
 from textleak.defenses.utility import as_gradient, fine_tune, gradient_fidelity
 from textleak.errors import CapabilityError
+from textleak.evaluation.sources import load_benchmark
 from textleak.metrics import score_batch
 from textleak.models import load_model
 from textleak.tasks import head_for
@@ -250,11 +251,11 @@ def run(args: argparse.Namespace) -> Path:
                 head.update(fine_tune_data=args.fine_tune_data, fine_tune_lr=args.fine_tune_lr)
             if (key := row_key({**head, "kind": "utility"})) in done or not claim(args.claim_dir, key):
                 continue
-            tuning = args.data_root / args.fine_tune_data
+            train, evaluation = (load_benchmark(args.fine_tune_data, args.data_root, split=s) for s in ("train", "dev"))
             result = fine_tune(
                 args.model,
-                train_path=tuning / "train.tsv",
-                eval_path=tuning / "dev.tsv",
+                train=(train.sentences, train.labels),
+                evaluation=(evaluation.sentences, evaluation.labels),
                 defenses=specs,
                 steps=args.fine_tune_steps,
                 lr=args.fine_tune_lr,

@@ -10,7 +10,7 @@ from conftest import load_script
 
 from textleak.attacks import get_attack
 from textleak.client import batch_gradients, encode_batch, simulate_client
-from textleak.data import read_labelled
+from textleak.data import read_cola
 from textleak.defenses import (
     DEFENSES,
     DPSGD,
@@ -31,6 +31,7 @@ from textleak.defenses.dpsgd import clip_and_sum, global_norm, per_example_gradi
 from textleak.defenses.quantization import int8_round_trip
 from textleak.defenses.utility import fine_tune, gradient_fidelity, update_fidelity
 from textleak.errors import CapabilityError, UnknownNameError
+from textleak.evaluation.sources import load_benchmark
 from textleak.models import load_model
 from textleak.update import Update
 
@@ -365,7 +366,7 @@ COLA_TRAIN, COLA_DEV = COLA / "train.tsv", COLA / "dev.tsv"
 
 @pytest.mark.skipif(not (COLA_TRAIN.exists() and COLA_DEV.exists()), reason="CoLA is not in ../shared/data")
 def test_fine_tune_runs_a_few_steps_with_and_without_a_defense():
-    paths = {"train_path": COLA_TRAIN, "eval_path": COLA_DEV}
+    paths = {"train": read_cola(COLA_TRAIN), "evaluation": read_cola(COLA_DEV)}
     clean = fine_tune(steps=3, batch_size=4, eval_size=16, **paths)
     defended = fine_tune(steps=3, batch_size=4, eval_size=16, defenses=["prune:ratio=0.9"], **paths)
     assert len(clean.losses) == 3 and 0 <= clean.eval_accuracy <= 1
@@ -374,19 +375,26 @@ def test_fine_tune_runs_a_few_steps_with_and_without_a_defense():
     assert clean.losses[1:] != defended.losses[1:]
 
 
-def test_fine_tune_reads_sst2_and_cola_layouts(tmp_path: Path):
-    sst2 = tmp_path / "sst2.tsv"
-    sst2.write_text("sentence\tlabel\na fine film \t1\ndull and slow\t0\nwarm , funny\t1\nflat\t0\n")
-    cola = tmp_path / "cola.tsv"
-    cola.write_text("gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n")
-    assert read_labelled(sst2) == (["a fine film", "dull and slow", "warm , funny", "flat"], [1, 0, 1, 0])
-    assert read_labelled(cola) == (["The cat sat.", "Cat the sat."], [1, 0])
-    (tmp_path / "bad.tsv").write_text("sentence\tlabel\nno label here\n")
-    with pytest.raises(ValueError, match="bad.tsv:2: expected 2 tab-separated columns"):
-        read_labelled(tmp_path / "bad.tsv")
-    result = fine_tune(steps=2, batch_size=2, eval_size=4, lr=1e-3, train_path=sst2, eval_path=sst2)
+def test_fine_tune_data_come_in_sst2_and_cola_layouts(tmp_path: Path):
+    for name, text in (
+        ("sst2", "sentence\tlabel\na fine film \t1\ndull and slow\t0\nwarm , funny\t1\nflat\t0\n"),
+        ("cola", "gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n"),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.tsv").write_text(text)
+    sst2, cola = (load_benchmark(name, tmp_path, split="train") for name in ("sst2", "cola"))
+    assert (sst2.sentences, sst2.labels) == (("a fine film", "dull and slow", "warm , funny", "flat"), (1, 0, 1, 0))
+    assert (cola.sentences, cola.labels) == (("The cat sat.", "Cat the sat."), (1, 0))
+    (tmp_path / "bad" / "sst2").mkdir(parents=True)
+    (tmp_path / "bad" / "sst2" / "train.tsv").write_text("sentence\tlabel\nno label here\n")
+    with pytest.raises(ValueError, match=r"train.tsv \(row 1\): label None is not an integer"):
+        load_benchmark("sst2", tmp_path / "bad", split="train")
+    pairs = (sst2.sentences, sst2.labels)
+    result = fine_tune(steps=2, batch_size=2, eval_size=4, lr=1e-3, train=pairs, evaluation=pairs)
     assert len(result.losses) == 2 and result.majority_accuracy == 0.5
     assert result.eval_accuracy in (0, 0.25, 0.5, 0.75, 1)
+    with pytest.raises(ValueError, match="non-empty training and evaluation sentences"):
+        fine_tune(steps=2, train=((), ()), evaluation=pairs)
 
 
 def test_secure_aggregation_is_not_a_per_client_defense(mlm_model):

@@ -34,28 +34,6 @@ def read_cola(path: str | Path, *, limit: int | None = None) -> tuple[list[str],
     return sentences[:limit], labels[:limit]
 
 
-def read_labelled(path: str | Path) -> tuple[list[str], list[int]]:
-    """Sentences and labels of a classification tsv: GLUE-style with a header naming ``sentence`` and ``label``
-    columns (SST-2), or CoLA's headerless layout."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t") if lines else []
-    if "sentence" not in header or "label" not in header:
-        return read_cola(path)
-    text, label = header.index("sentence"), header.index("label")
-    sentences, labels = [], []
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.split("\t")
-        if not line.strip():
-            continue
-        if len(fields) <= max(text, label):
-            raise ValueError(f"{path}:{number}: expected {len(header)} tab-separated columns, found {len(fields)}")
-        sentences.append(fields[text].strip())
-        labels.append(int(fields[label]))
-    if not sentences:
-        raise ValueError(f"{path} holds no labelled sentences")
-    return sentences, labels
-
-
 def sample_sentences_path() -> Path:
     """Our own sample sentences: packaged in the wheel, or ``data/`` of a source checkout."""
     here = Path(__file__).resolve().parent

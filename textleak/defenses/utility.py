@@ -12,13 +12,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from textleak.client import batch_loss, encode_batch
-from textleak.data import read_labelled
 from textleak.defenses import as_defenses
 from textleak.defenses.base import Defense, Gradients
 from textleak.defenses.client import defended_client
@@ -119,8 +117,8 @@ def _apply(model: torch.nn.Module, update: Update, optimizer: torch.optim.Optimi
 def fine_tune(
     spec: str = "random:bert-tiny",
     *,
-    train_path: str | Path,
-    eval_path: str | Path,
+    train: tuple[Sequence[str], Sequence[int]],
+    evaluation: tuple[Sequence[str], Sequence[int]],
     defenses: Sequence[str | Defense] = (),
     steps: int = 300,
     batch_size: int = 8,
@@ -129,8 +127,8 @@ def fine_tune(
     eval_size: int = 200,
     max_length: int = 64,
 ) -> FineTuneResult:
-    """Fine-tune a classifier on labelled tsv files (CoLA, or SST-2's header layout) for ``steps`` Adam steps at
-    ``lr``, every update passed through ``defenses``.
+    """Fine-tune a classifier on ``train`` (sentences, labels) for ``steps`` Adam steps at ``lr``, every update passed
+    through ``defenses``; report loss and accuracy on the first ``eval_size`` of ``evaluation``.
 
     Each step draws ``batch_size`` training sentences (seeded), the defended client computes its update, and
     the server applies it. ``train_loss`` is the mean clean batch loss of the last tenth of the steps.
@@ -138,8 +136,10 @@ def fine_tune(
     if steps < 1 or batch_size < 1 or eval_size < 1:
         raise ValueError(f"steps, batch_size and eval_size must be >= 1, got {steps}, {batch_size}, {eval_size}")
     chain = as_defenses(defenses)
-    train_sentences, train_labels = read_labelled(train_path)
-    eval_sentences, eval_labels = (values[:eval_size] for values in read_labelled(eval_path))
+    train_sentences, train_labels = list(train[0]), list(train[1])
+    eval_sentences, eval_labels = list(evaluation[0][:eval_size]), list(evaluation[1][:eval_size])
+    if not train_sentences or len(train_sentences) != len(train_labels) or not eval_sentences:
+        raise ValueError("fine_tune needs non-empty training and evaluation sentences, each with a label")
     target = load_model(spec, head="classification", seed=seed)
     optimizer = torch.optim.Adam(target.model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
