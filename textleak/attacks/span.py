@@ -228,10 +228,23 @@ class SpanAttack:
             time_limit=cfg.time_limit,
         )
 
-        def search_options(length: int, accepted: list[Found]) -> list[list[int]]:
-            """The second-layer search's options: each position's first ``max_candidates`` (it tries their products
-            in part; the anchors use every candidate)."""
-            return [tokens[: cfg.max_candidates] for tokens in options_for(length, accepted)]
+        ends = lengths
+        if pairing is not None:  # the B [SEP] ends with the largest pairing shares: each ends a sentence
+            shares = {p + 1: w for p in range(len(passing)) for t, w in pairing.ranked(p, ANCHOR_SEP_SHARE) if t == sep}
+            top = sorted(shares, key=shares.__getitem__, reverse=True)[: meta.batch_size]
+            ends = [n for n in lengths if n in top] or lengths
+
+        def widths(length: int, accepted: list[Found]) -> list[int]:
+            """How many of each position's candidates the search tries first: the sentences that hold a word there
+            (ends beyond it, plus any sentences no end accounts for), less accepted ones whose once-seen token
+            there ``options_for`` has moved last."""
+            unaccounted = max(0, meta.batch_size - len(ends))
+            out = []
+            for p in range(length):
+                reach = sum(n > p + 1 for n in ends) + unaccounted
+                held = sum(p < len(f.ids) and (f.ids[p], p) in single for f in accepted)
+                out.append(max(1, min(meta.batch_size, reach - held)))
+            return out
 
         quick: list[Found] = []
         anchored: list[Found] = []
@@ -240,13 +253,12 @@ class SpanAttack:
             clock_anchor = time.perf_counter()
             anchor_set = {(t, p) for t, p in single if t not in (sep, cls, pad)}
             confirm = partial(_agrees, test, anchor_set)
-            shares = {p + 1: w for p in range(len(passing)) for t, w in pairing.ranked(p, ANCHOR_SEP_SHARE) if t == sep}
-            ends = sorted(shares, key=shares.__getitem__, reverse=True)[: meta.batch_size]  # each ends a sentence
-            anchor_lengths = [n for n in lengths if n in ends] or lengths
+            anchor_lengths = ends
             budget = None if cfg.time_limit is None else cfg.time_limit * QUICK_SHARE
             if cfg.quick:
                 quick, _ = assemble(
-                    search, anchor_lengths, search_options, meta.batch_size, quick=True, budget=budget, confirm=confirm
+                    search, anchor_lengths, options_for, meta.batch_size, quick=True, budget=budget, confirm=confirm,
+                    widths=widths, wide=cfg.max_candidates,
                 )
             timings["quick"] = time.perf_counter() - clock_anchor
             anchors = sorted(anchor_set, key=lambda pair: (pair[1], pair[0]))
@@ -258,7 +270,8 @@ class SpanAttack:
             )
             timings["anchors"] = time.perf_counter() - clock_anchor - timings["quick"]
         accepted, rejected = assemble(
-            search, lengths, search_options, meta.batch_size, accepted=anchored, confirm=confirm
+            search, lengths, options_for, meta.batch_size, accepted=anchored, confirm=confirm,
+            widths=widths, wide=cfg.max_candidates,
         )
         if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites
             rejected = [Found(tuple(options[0] for options in options_for(lengths[0], [])), math.inf)]

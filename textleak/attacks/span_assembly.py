@@ -41,6 +41,11 @@ class FirstLayer:
 
 #: An anchor's attention residual below this marks its sentence found (right: about 1e-7; one wrong token: 1e-2).
 ATTENTION_ACCEPT = 1e-4
+#: A sentence whose median second-layer row residual is below this is near a true one (one or two wrong tokens lift
+#: every row to about 3e-2; a mix of several sentences sits near 2e-1), so its worst rows are worth widening.
+NEAR = 0.08
+#: Worst rows whose positions the widening step retries with every candidate.
+WIDEN_POSITIONS = 4
 
 
 @dataclass(frozen=True)
@@ -97,11 +102,15 @@ class SentenceSearch:
         options: list[list[int]],
         avoid: set[tuple[int, ...]] = frozenset(),
         restarts: int | None = None,
+        reserve: list[list[int]] | None = None,
     ) -> Found:
         """Coordinate descent from ``start`` and one joint repair of its worst rows, then alternately from random
         starts and from the best sentence so far with 2-4 positions redrawn (iterated local search), until a
-        sentence scores below ``accept``; at most ``restarts`` restarts (default: the search's own)."""
-        best = self.repair(self.descend(start, options, avoid), options, avoid)
+        sentence scores below ``accept``; at most ``restarts`` restarts (default: the search's own).
+
+        ``reserve``: each position's full candidate list, from which ``widen`` draws tokens the options lack."""
+        options = [list(tokens) for tokens in options]  # widening adds to them
+        best = self.widen(self.repair(self.descend(start, options, avoid), options, avoid), options, reserve, avoid)
         free = [p for p, tokens in enumerate(options) if len(tokens) > 1]
         for attempt in range(self.restarts if restarts is None else restarts):
             if best.score <= self.accept or not free or self.expired:
@@ -111,8 +120,42 @@ class SentenceSearch:
             for k in torch.randperm(len(free), generator=self.generator)[:count].tolist():
                 tokens = options[free[k]]
                 kicked[free[k]] = tokens[int(torch.randint(len(tokens), (1,), generator=self.generator))]
-            best = min(best, self.descend(kicked, options, avoid), key=lambda f: f.score)
+            found = self.widen(self.descend(kicked, options, avoid), options, reserve, avoid)
+            best = min(best, found, key=lambda f: f.score)
         return best
+
+    def widen(
+        self, found: Found, options: list[list[int]], reserve: list[list[int]] | None, avoid: set[tuple[int, ...]]
+    ) -> Found:
+        """Near a sentence, retry the worst rows' positions with every ``reserve`` token their options lack, one
+        position at a time; the best improving token joins its position's options (in place) and the descent
+        resumes from it. At most ``max_sweeps`` tokens are added.
+
+        The narrow options hold each position's best-paired tokens; a true token the pairing ranked lower is out of
+        their reach, and a sentence one such token away is stuck. Its wrong token's own row is among the worst.
+        """
+        if reserve is None:
+            return found
+        for _ in range(self.max_sweeps):
+            if found.score <= self.accept or self.expired:
+                break
+            rows = self.span.residual(self.first(torch.tensor([found.ids])))[0]
+            if float(rows.median()) > NEAR:
+                break
+            worst = [p for p in rows.argsort(descending=True).tolist() if set(reserve[p]) - set(options[p])]
+            moves = [(p, t) for p in worst[:WIDEN_POSITIONS] for t in reserve[p] if t not in options[p]]
+            if not moves:
+                break
+            variants = torch.tensor([list(found.ids)] * len(moves))
+            variants[torch.arange(len(moves)), [p for p, _ in moves]] = torch.tensor([t for _, t in moves])
+            objective, _ = self._scores(variants, avoid)
+            current, _ = self._scores(torch.tensor([found.ids]), avoid)
+            k = int(objective.argmin())
+            if float(objective[k]) >= float(current[0]):
+                break
+            options[moves[k][0]].append(moves[k][1])
+            found = self.descend(variants[k].tolist(), options, avoid)
+        return found
 
     def repair(self, found: Found, options: list[list[int]], avoid: set[tuple[int, ...]]) -> Found:
         """Try every combination of options at the worst rows' positions (at most ``block`` sentences).
@@ -199,16 +242,20 @@ def assemble(
     quick: bool = False,
     budget: float | None = None,
     confirm: Callable[[Found], bool] | None = None,
+    widths: Callable[[int, list[Found]], list[int]] | None = None,
+    wide: int | None = None,
 ) -> tuple[list[Found], list[Found]]:
     """Find up to ``batch_size`` sentences over the candidate ``lengths`` (best first), after any ``accepted`` ones.
 
-    ``quick``: one pass over the lengths, one descent each among each position's ``batch_size`` favourites, no
+    ``quick``: one pass over the lengths, one descent each among each position's narrow favourites, no
     restarts (finds the easy sentences in seconds). ``budget`` (seconds) bounds the call within the search's time limit.
     ``confirm``: a second test a sentence must also pass (e.g. ``AttentionTest.confirms``). Under a time limit,
     time left after a round goes to further rounds over every length, each with twice the restarts.
 
-    ``options_for(length, accepted)`` gives the allowed tokens per position (the first option is the layer-1 favourite,
-    fixed positions have one option). Returns (accepted sentences, best rejected attempts).
+    ``options_for(length, accepted)`` gives the allowed tokens per position, best first (the first option is the
+    layer-1 favourite, fixed positions have one option). The search tries each position's first ``widths(length,
+    accepted)[p]`` (default: ``batch_size``), then its first ``wide`` (default: all), and widens near misses from
+    the whole list. Returns (accepted sentences, best rejected attempts).
     """
     accepted = list(accepted or [])
     rejected: list[Found] = []
@@ -230,7 +277,8 @@ def assemble(
                 if len(accepted) >= batch_size or over():
                     break
                 options = options_for(length, accepted)
-                result = _search_narrow_first(search, options, batch_size, accepted, found, quick, restarts)
+                width = widths(length, accepted) if widths is not None else [batch_size] * len(options)
+                result = _search_narrow_first(search, options, width, wide, accepted, found, quick, restarts)
                 if result.score <= search.accept and (confirm is None or confirm(result)):
                     accepted.append(result)
                     found.add(result.ids)
@@ -249,22 +297,24 @@ def assemble(
 def _search_narrow_first(
     search: SentenceSearch,
     options: list[list[int]],
-    batch_size: int,
+    widths: list[int],
+    wide: int | None,
     accepted: list[Found],
     found: set,
     quick: bool,
     restarts: int,
 ) -> Found:
-    """Search among each position's ``batch_size`` best layer-1 candidates first (a position holds at most that
-    many true tokens, and near-passing tokens from elsewhere in the batch usually score worse), then among all
-    (``quick``: only the first). ``restarts`` per search."""
+    """Search among each position's first ``widths[p]`` candidates first (a position holds at most as many true
+    tokens as sentences reach it, and near-passing tokens from elsewhere in the batch usually score worse), then
+    among the first ``wide`` (``quick``: only the first). ``restarts`` per search; near misses widen from all."""
     taken = [f.ids for f in accepted]
-    narrow = [tokens[:batch_size] for tokens in options]
-    result = search.search(_start_avoiding(narrow, taken), narrow, avoid=found, restarts=restarts)
-    if result.score <= search.accept or narrow == options or search.expired or quick:
+    narrow = [tokens[: max(1, w)] for tokens, w in zip(options, widths, strict=True)]
+    broad = [tokens[:wide] for tokens in options]
+    result = search.search(_start_avoiding(narrow, taken), narrow, avoid=found, restarts=restarts, reserve=options)
+    if result.score <= search.accept or narrow == broad or search.expired or quick:
         return result
-    wide = search.search(_start_avoiding(options, taken), options, avoid=found, restarts=restarts)
-    return min(result, wide, key=lambda f: f.score)
+    second = search.search(_start_avoiding(broad, taken), broad, avoid=found, restarts=restarts, reserve=options)
+    return min(result, second, key=lambda f: f.score)
 
 
 def _start_avoiding(options: list[list[int]], taken: list[tuple[int, ...]]) -> list[int]:
