@@ -7,6 +7,10 @@ batch. Beside recovery it records the cosine similarity of the defended update t
 ``--fine-tune-steps``, the accuracy a short fine-tuning run reaches under the defense (CoLA, or SST-2 with
 ``--fine-tune-data sst2``).
 
+With ``--images mnist`` (or cifar10, cifar100, lfw; ``--image-root`` holds the data) the same grid is swept on
+images instead: the client holds B consecutive test images of an ``--image-arch`` model, the attacks are the image
+attacks (dlg, idlg, inverting) and recovery is PSNR/SSIM; the plot goes to ``OUT/recovery_images.png``.
+
 Every result is appended to ``OUT/results.jsonl`` as it comes (a crash loses nothing; a rerun skips what is
 there), then ``OUT/table.md`` and ``OUT/recovery.png`` are rendered from all rows.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import statistics
@@ -33,9 +38,15 @@ from pathlib import Path
 
 import torch
 
+from image_support.attacks import IMAGE_ATTACKS
+from image_support.client import capture_image_update
+from image_support.datasets import load_dataset
+from image_support.metrics import evaluate_images
+from image_support.models import image_source, load_image_model
 from textleak.attacks import get_attack
 from textleak.attacks.optimization import check_device
 from textleak.data import read_cola
+from textleak.defenses import as_defenses
 from textleak.defenses.client import defended_client
 from textleak.defenses.utility import as_gradient, fine_tune, gradient_fidelity
 from textleak.errors import CapabilityError
@@ -91,6 +102,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--fine-tune-lr", type=float, default=1e-4, help="utility run's Adam learning rate")
     parser.add_argument("--quick", action="store_true", help="fewer strengths per family")
+    parser.add_argument("--images", default=None, help="sweep this image data set instead of CoLA (e.g. mnist)")
+    parser.add_argument(
+        "--image-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "images",
+        help="folder holding the image data sets (the data set's own folder under it, else this folder itself)",
+    )
+    parser.add_argument("--image-arch", default="lenet", help="image model architecture (default: lenet)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/defense_sweep"))
     parser.add_argument("--device", default="cpu", help=f"where {'/'.join(DEVICE_ATTACKS)} optimise (client: CPU)")
@@ -108,6 +125,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--render-only", action="store_true", help="run nothing; render OUT from its rows")
     args = parser.parse_args()
     args.shard_index, args.shard_count = parse_shard(args.shard)
+    if args.images and args.fine_tune_steps:
+        raise SystemExit("--fine-tune-steps measures text fine-tuning; it cannot be combined with --images")
     check_device(args.device)
     return args
 
@@ -203,6 +222,37 @@ def attack_row(target, task, attack_name, options, sentences, labels, specs, see
     }
 
 
+def image_attack_row(source, model, images, labels, attack_name, options, specs, seed) -> dict:
+    """Attack one defended image batch: PSNR/SSIM and label accuracy, the update's fidelity to the clean one,
+    and timings (the image counterpart of ``attack_row``)."""
+    if attack_name not in IMAGE_ATTACKS:
+        raise SystemExit(f"unknown image attack {attack_name!r}; known: {sorted(IMAGE_ATTACKS)}")
+    update, truth = capture_image_update(
+        source, images, labels, defenses=as_defenses(specs), client_seed=seed, model=model
+    )
+    clean, _ = capture_image_update(source, images, labels, client_seed=seed, model=model)
+    fidelity = gradient_fidelity(clean.gradients, as_gradient(update))
+    attacked = update
+    if update.metadata.kind == "delta":
+        attacked = update.with_gradients(as_gradient(update), kind="gradient", local_hyperparams=None)
+    start = time.perf_counter()
+    try:
+        reconstruction = IMAGE_ATTACKS[attack_name](**options).reconstruct(attacked, model)
+    except CapabilityError as error:
+        return {"error": str(error), "fidelity": fidelity}
+    scores = evaluate_images(
+        reconstruction.images, truth.images, recon_labels=reconstruction.labels, truth_labels=truth.labels.tolist()
+    )
+    return {
+        "psnr": scores["mean_psnr"],
+        "ssim": scores["mean_ssim"],
+        "label_accuracy": scores.get("label_accuracy"),
+        "fidelity": fidelity,
+        "attack_seconds": time.perf_counter() - start,
+        "records": list(update.metadata.defenses),
+    }
+
+
 def work_items(args: argparse.Namespace, configs: list[tuple[str, float, list[str]]]) -> list[tuple]:
     """Every (utility, config) and (attack, config, batch size, batch index, attack name) item, in run order."""
     utility = [("utility", c) for c in configs] if args.fine_tune_steps else []
@@ -236,11 +286,17 @@ def run(args: argparse.Namespace) -> Path:
         raise SystemExit(f"unknown families {unknown}; known: {sorted(grid)}")
     baseline = [] if args.skip_baseline else [("none", 0.0, [])]
     configs = baseline + [(f, s, specs) for f in families for s, specs in grid[f]]
-    cola = args.data_root / "cola"
-    sentences, labels = read_cola(cola / "dev.tsv")
-    target = load_model(args.model, head=head_for(args.task), seed=args.seed)
-    reveal = ("lengths", "labels") if args.task == "classification" else ("lengths",)
-    base = {"model": args.model, "task": args.task}
+    if args.images:
+        root = args.image_root / args.images if (args.image_root / args.images).is_dir() else args.image_root
+        dataset = load_dataset(args.images, root)
+        source = image_source(args.image_arch, args.images, seed=args.seed, num_labels=len(dataset.classes))
+        image_model = load_image_model(source)
+        base = {"model": source.spec, "task": "images"}
+    else:
+        sentences, labels = read_cola(args.data_root / "cola" / "dev.tsv")
+        target = load_model(args.model, head=head_for(args.task), seed=args.seed)
+        reveal = ("lengths", "labels") if args.task == "classification" else ("lengths",)
+        base = {"model": args.model, "task": args.task}
     if args.note:
         base["note"] = args.note
     for item in work_items(args, configs):
@@ -271,15 +327,22 @@ def run(args: argparse.Namespace) -> Path:
         if row_key(row) in done or not claim(args.claim_dir, row_key(row)):
             continue
         part = slice(index * batch_size, (index + 1) * batch_size)
-        options = attack_options(attack, args.iterations, args.device, args.option)
-        batch = (sentences[part], labels[part], specs, args.seed + index, reveal)
-        row.update(attack_row(target, args.task, attack, options, *batch))
+        if args.images:
+            options = attack_options("image", args.iterations, "cpu", args.option)
+            images, image_labels = dataset.batch(index * batch_size, batch_size)
+            seed = args.seed + index
+            row.update(image_attack_row(source, image_model, images, image_labels, attack, options, specs, seed))
+        else:
+            options = attack_options(attack, args.iterations, args.device, args.option)
+            batch = (sentences[part], labels[part], specs, args.seed + index, reveal)
+            row.update(attack_row(target, args.task, attack, options, *batch))
         if options:
             row["attack_options"] = options
         append_row(results, row)
         done.add(row_key(row))
-        recovered = row.get("rouge1", float("nan"))
-        print(f"{family} {strength} {attack} B={batch_size} #{index}: rouge1 {recovered:.3f}", flush=True)
+        metric = "psnr" if args.images else "rouge1"
+        value = row.get(metric, float("nan"))
+        print(f"{family} {strength} {attack} B={batch_size} #{index}: {metric} {value:.3f}", flush=True)
     return results
 
 
@@ -316,16 +379,17 @@ def summarise(rows: list[dict]) -> dict[tuple, dict[str, float]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     utility = {(r["family"], r["strength"]): r for r in rows if r["kind"] == "utility"}
     for row in rows:
-        if row["kind"] == "attack" and "rouge1" in row:
-            groups[(row["family"], row["strength"], row["attack"], row["batch_size"])].append(row)
+        if row["kind"] == "attack" and ("rouge1" in row or "psnr" in row):
+            groups[(row["family"], row["strength"], row["attack"], row["batch_size"], row["task"])].append(row)
     summary = {}
 
     def order(item: tuple) -> tuple:
-        family, strength, attack, batch_size = item[0]
-        return (family != "none", family, float(strength), attack, batch_size)
+        family, strength, attack, batch_size, task = item[0]
+        return (task == "images", family != "none", family, float(strength), attack, batch_size)
 
     for key, members in sorted(groups.items(), key=order):
-        entry = {m: statistics.mean(r[m] for r in members) for m in ("rouge1", "rouge2", "exact_match")}
+        metrics = IMAGE_METRICS if key[4] == "images" else TEXT_METRICS
+        entry = {m: statistics.mean(r[m] for r in members if r.get(m) is not None) for m in metrics}
         entry["cosine"] = statistics.mean(r["fidelity"]["cosine"] for r in members)
         entry["batches"] = len(members)
         if (key[0], key[1]) in utility:
@@ -334,17 +398,38 @@ def summarise(rows: list[dict]) -> dict[tuple, dict[str, float]]:
     return summary
 
 
+TEXT_METRICS = ("rouge1", "rouge2", "exact_match")
+IMAGE_METRICS = ("psnr", "ssim", "label_accuracy")
+
+
 def render_table(summary: dict[tuple, dict[str, float]], notes: list[str] | None = None) -> str:
-    lines = [f"Note: {note}\n" for note in notes or []] + [
-        "| defense | strength | attack | B | ROUGE-1 | ROUGE-2 | exact | grad cosine | fine-tune acc | batches |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for (family, strength, attack, batch_size), e in summary.items():
+    """The text rows (ROUGE, exact match), then the image rows (PSNR, SSIM, label accuracy) if any."""
+    lines = [f"Note: {note}\n" for note in notes or []]
+    text = {k: e for k, e in summary.items() if k[4] != "images"}
+    images = {k: e for k, e in summary.items() if k[4] == "images"}
+    if text or not images:
+        lines += [
+            "| defense | strength | attack | B | ROUGE-1 | ROUGE-2 | exact | grad cosine | fine-tune acc | batches |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    for (family, strength, attack, batch_size, _), e in text.items():
         accuracy = f"{e['accuracy']:.3f}" if "accuracy" in e else "-"
         lines.append(
             f"| {family} | {strength:g} | {attack} | {batch_size} | {100 * e['rouge1']:.1f} | {100 * e['rouge2']:.1f}"
             f" | {100 * e['exact_match']:.1f} | {e['cosine']:.4f} | {accuracy} | {e['batches']} |"
         )
+    if images:
+        lines += [
+            "\nImages:\n",
+            "| defense | strength | attack | B | PSNR (dB) | SSIM | label acc | grad cosine | batches |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (family, strength, attack, batch_size, _), e in images.items():
+            labels = f"{e['label_accuracy']:.2f}" if "label_accuracy" in e else "-"
+            lines.append(
+                f"| {family} | {strength:g} | {attack} | {batch_size} | {e['psnr']:.1f} | {e['ssim']:.3f}"
+                f" | {labels} | {e['cosine']:.4f} | {e['batches']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -371,11 +456,14 @@ def render_utility(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_plot(summary: dict[tuple, dict[str, float]], path: Path) -> bool:
-    """ROUGE-1 (solid; dotted: no defense) and gradient cosine (dashed) versus strength, one panel per family.
+def render_plot(summary: dict[tuple, dict[str, float]], path: Path, *, images: bool = False) -> bool:
+    """ROUGE-1 (solid; dotted: no defense) and gradient cosine (dashed) versus strength, one panel per family;
+    with ``images``, PSNR of the image rows (no cosine: another scale).
 
     Returns False when matplotlib is not installed or there is nothing to draw.
     """
+    summary = {k: e for k, e in summary.items() if (k[4] == "images") == images}
+    metric = "psnr" if images else "rouge1"
     try:
         import matplotlib
 
@@ -389,24 +477,26 @@ def render_plot(summary: dict[tuple, dict[str, float]], path: Path) -> bool:
     figure, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.5), squeeze=False)
     for axis, family in zip(axes[0], families, strict=True):
         series: dict[tuple, list[tuple[float, dict]]] = defaultdict(list)
-        for (fam, strength, attack, batch_size), entry in summary.items():
+        for (fam, strength, attack, batch_size, _), entry in summary.items():
             if fam == family:
                 series[(attack, batch_size)].append((strength, entry))
         for (attack, batch_size), points in sorted(series.items()):
             points.sort(key=lambda p: p[0])
             xs = [p[0] for p in points]
-            line = axis.plot(xs, [p[1]["rouge1"] for p in points], marker="o", label=f"{attack} B={batch_size}")
-            axis.plot(xs, [p[1]["cosine"] for p in points], linestyle="--", color=line[0].get_color())
-            clean = summary.get(("none", 0.0, attack, batch_size))
-            if clean is not None:
-                axis.axhline(clean["rouge1"], linestyle=":", color=line[0].get_color())
+            line = axis.plot(xs, [p[1][metric] for p in points], marker="o", label=f"{attack} B={batch_size}")
+            if not images:
+                axis.plot(xs, [p[1]["cosine"] for p in points], linestyle="--", color=line[0].get_color())
+            clean = [e for k, e in summary.items() if k[:4] == ("none", 0.0, attack, batch_size)]
+            if clean:
+                axis.axhline(clean[0][metric], linestyle=":", color=line[0].get_color())
         if family in ("noise", "dpsgd"):
             axis.set_xscale("log")
         axis.set_title(family)
         axis.set_xlabel("strength")
-        axis.set_ylim(-0.05, 1.05)
+        if not images:
+            axis.set_ylim(-0.05, 1.05)
         axis.legend(fontsize=7)
-    axes[0][0].set_ylabel("ROUGE-1 (solid), grad cosine (dashed)")
+    axes[0][0].set_ylabel("PSNR dB (dotted: no defense)" if images else "ROUGE-1 (solid), grad cosine (dashed)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -427,9 +517,10 @@ def main() -> None:
         table += "\nFine-tuning under each defense:\n\n" + utility
     (args.out / "table.md").write_text(table, encoding="utf-8")
     print(table)
-    if render_plot(summary, args.out / "recovery.png"):
-        print(f"plot: {args.out / 'recovery.png'}")
-    else:
+    for images, name in ((False, "recovery.png"), (True, "recovery_images.png")):
+        if render_plot(summary, args.out / name, images=images):
+            print(f"plot: {args.out / name}")
+    if importlib.util.find_spec("matplotlib") is None:
         print("no plot: matplotlib is not installed (pip install matplotlib)")
 
 

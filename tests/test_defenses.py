@@ -466,3 +466,31 @@ def test_sweep_claims_are_exclusive_and_merge_skips_known_rows(tmp_path):
     assert sweep.merge(tmp_path / "out", [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]) == 2
     assert sweep.merge(tmp_path / "out", [tmp_path / "b.jsonl"]) == 0
     assert len(sweep.load_rows(tmp_path / "out" / "results.jsonl")) == 2
+
+
+def _write_mnist(folder: Path, images: torch.Tensor, labels: list[int]) -> None:
+    """Uncompressed IDX test files (MNIST's own layout) for ``images`` [N, 28, 28] uint8."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in (("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", torch.tensor(labels))):
+        shape = b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+        (folder / name).write_bytes(bytes([0, 0, 8, array.dim()]) + shape + array.to(torch.uint8).numpy().tobytes())
+
+
+def test_sweep_attacks_defended_images_and_scores_psnr(tmp_path, monkeypatch):
+    sweep = _sweep_module()
+    strokes = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    strokes[:, 6:22, 12:16] = 255
+    strokes[1, 6:9, 9:16] = 200
+    _write_mnist(tmp_path / "mnist", strokes, [1, 7])
+    argv = ["sweep", "--images", "mnist", "--image-root", str(tmp_path), "--attacks", "idlg", "--iterations", "30",
+            "--sentences", "1", "--families", "noise", "--quick", "--out", str(tmp_path / "out")]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    rows = {r["strength"]: r for r in sweep.load_rows(sweep.run(sweep.parse_args()))}
+    assert set(rows) == {0.0, 1e-4, 1e-3, 1e-2} and all(r["task"] == "images" for r in rows.values())
+    assert rows[0.0]["psnr"] > 40 and rows[0.0]["label_accuracy"] == 1.0  # iDLG recovers the clean image
+    assert rows[1e-2]["psnr"] < rows[0.0]["psnr"] - 15  # noise degrades it
+    table = sweep.render_table(sweep.summarise(list(rows.values())))
+    assert "PSNR" in table and "ROUGE" not in table
+    monkeypatch.setattr("sys.argv", [*argv, "--fine-tune-steps", "5"])
+    with pytest.raises(SystemExit, match="cannot be combined with --images"):
+        sweep.parse_args()
