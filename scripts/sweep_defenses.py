@@ -54,6 +54,7 @@ from textleak.evaluation.sources import load_benchmark
 from textleak.metrics import score_batch
 from textleak.models import load_model
 from textleak.tasks import head_for
+from textleak.update import Update
 
 #: attacks that take a ``device`` option (the embedding-optimisation attacks; span and lamp run on the CPU)
 DEVICE_ATTACKS = ("dlg", "tag", "cosine")
@@ -192,16 +193,22 @@ def append_row(path: Path, row: dict) -> None:
         handle.flush()
 
 
+def attacker_view(clean: Update, update: Update) -> tuple[Update, dict[str, float]]:
+    """What the attacker attacks (a FedAvg delta read as the average gradient it implies) and the defended
+    update's fidelity to the clean one."""
+    fidelity = gradient_fidelity(clean.gradients, as_gradient(update))
+    if update.metadata.kind == "delta":
+        update = update.with_gradients(as_gradient(update), kind="gradient", local_hyperparams=None)
+    return update, fidelity
+
+
 def attack_row(target, task, attack_name, options, sentences, labels, specs, seed, reveal) -> dict:
     """Attack one defended batch; recovery scores, the update's fidelity to the clean one, and timings."""
     update, truth = defended_client(
         target, sentences, task=task, labels=labels, defenses=specs, seed=seed, reveal=reveal
     )
     clean, _ = defended_client(target, sentences, task=task, labels=labels, seed=seed, reveal=reveal)
-    fidelity = gradient_fidelity(clean.gradients, as_gradient(update))
-    attacked = update
-    if update.metadata.kind == "delta":  # the attacker reads a FedAvg delta as the gradient it implies
-        attacked = update.with_gradients(as_gradient(update), kind="gradient", local_hyperparams=None)
+    attacked, fidelity = attacker_view(clean, update)
     start = time.perf_counter()
     try:
         reconstruction = get_attack(attack_name, **options).reconstruct(attacked, target)
@@ -231,10 +238,7 @@ def image_attack_row(source, model, images, labels, attack_name, options, specs,
         source, images, labels, defenses=as_defenses(specs), client_seed=seed, model=model
     )
     clean, _ = capture_image_update(source, images, labels, client_seed=seed, model=model)
-    fidelity = gradient_fidelity(clean.gradients, as_gradient(update))
-    attacked = update
-    if update.metadata.kind == "delta":
-        attacked = update.with_gradients(as_gradient(update), kind="gradient", local_hyperparams=None)
+    attacked, fidelity = attacker_view(clean, update)
     start = time.perf_counter()
     try:
         reconstruction = IMAGE_ATTACKS[attack_name](**options).reconstruct(attacked, model)
