@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from textleak.attacks.span import SpanAttack
+from textleak.attacks.span_assembly import ATTENTION_ACCEPT, attention_accept
 from textleak.attacks.span_attention import attention_test
 from textleak.attacks.span_scoring import embedding_parts
 from textleak.client import simulate_client
+from textleak.defenses.client import defended_client
 from textleak.models import load_model
 
 SENTENCES = ["the cat sat on the mat.", "a very good movie indeed", "dogs bark at night", "rain fell all week"]
@@ -70,3 +72,17 @@ def test_a_batch_of_four_is_grown_around_anchors_and_recovered_exactly(mini):
     assert "anchors" in both.timings and "quick" in both.timings
     without = SpanAttack(attention=False).reconstruct(update, mini)
     assert without.details["anchored_sentences"] == without.details["quick_sentences"] == 0
+
+
+def test_an_fp16_rounded_batch_is_recovered_exactly_on_the_packaged_minilm():
+    """Rounding the update to fp16 lifts a true sentence's attention residuals to about 5e-4; the acceptance follows
+    the second layer's, so the sentences are still confirmed (a fixed 1e-4 rejected all four and ran out of time).
+    The packaged MiniLM, not a random model: rounding flattens a random model's tiny gradients beyond any rank gap."""
+    target = load_model("default", head="classification", seed=0)
+    update, truth = defended_client(
+        target, SENTENCES, task="classification", defenses=["quantize:dtype=fp16"], seed=0, reveal=()
+    )
+    result = SpanAttack(time_limit=30).reconstruct(update, target)
+    assert sorted(map(tuple, result.token_ids)) == sorted(map(tuple, truth.input_ids))
+    assert result.warnings == [] and result.details["estimated_sequences"] == 4
+    assert attention_accept(result.details["accept"]) > ATTENTION_ACCEPT

@@ -24,7 +24,6 @@ import torch
 from textleak.attacks.base import Progress, Reconstruction, check_requirements
 from textleak.attacks.mlm_labels import recover_originals
 from textleak.attacks.span_assembly import (
-    ATTENTION_ACCEPT,
     FirstLayer,
     Found,
     SentenceSearch,
@@ -252,7 +251,7 @@ class SpanAttack:
         if cfg.attention and test is not None and pairing is not None:
             clock_anchor = time.perf_counter()
             anchor_set = {(t, p) for t, p in single if t not in (sep, cls, pad)}
-            confirm = partial(_agrees, test, anchor_set)
+            confirm = partial(_agrees, test, anchor_set, search.attention_accept)
             anchor_lengths = ends
             budget = None if cfg.time_limit is None else cfg.time_limit * QUICK_SHARE
             if cfg.quick:
@@ -412,9 +411,9 @@ def _rank_warnings(span: SpanBasis, which: str) -> list[str]:
     return []
 
 
-def _agrees(test: AttentionTest, anchors: set[tuple[int, int]], found: Found) -> bool:
-    """Whether a sentence agrees with the once-seen tokens it holds (``AttentionTest.confirms``)."""
-    return test.confirms(found.ids, anchors, ATTENTION_ACCEPT)
+def _agrees(test: AttentionTest, anchors: set[tuple[int, int]], accept: float, found: Found) -> bool:
+    """Whether a sentence agrees with the once-seen tokens it holds (``AttentionTest.confirms`` at ``accept``)."""
+    return test.confirms(found.ids, anchors, accept)
 
 
 def _token_types(update: Update) -> list[int]:
