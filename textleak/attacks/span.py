@@ -69,8 +69,9 @@ class SpanConfig:
     residuals above the worst position's best candidate). rank_tol: singular values kept, relative to the
     largest (auto: the last 10x drop). accept: layer-2 residual below which a sentence is accepted (auto: 100x
     a true token's typical layer-1 residual, within [1e-5, 1e-2]). max_candidates: candidates per position the
-    second-layer search tries (the anchor growth uses every passing one; at least the first layer's rank + 1 are
-    kept, the most distinct tokens a batch can hold);
+    second-layer search's wide pass tries, after a narrow pass over as many as sentences reach the position (near
+    misses and the anchor growth use every passing one; at least the first layer's rank + 1 are kept, the most
+    distinct tokens a batch can hold);
     restarts: random restarts of the per-sentence search (seeded). pairing: for B > 1, order and narrow each
     position's candidates by the embedding gradients' token-position pairing (span_pairing), keeping tokens whose
     share there is at least ``pair_floor``. attention: for B > 1, first grow a sentence around each token that
@@ -252,19 +253,18 @@ class SpanAttack:
             clock_anchor = time.perf_counter()
             anchor_set = {(t, p) for t, p in single if t not in (sep, cls, pad)}
             confirm = partial(_agrees, test, anchor_set, search.attention_accept)
-            anchor_lengths = ends
             budget = None if cfg.time_limit is None else cfg.time_limit * QUICK_SHARE
             if cfg.quick:
                 quick, _ = assemble(
-                    search, anchor_lengths, options_for, meta.batch_size, quick=True, budget=budget, confirm=confirm,
+                    search, ends, options_for, meta.batch_size, quick=True, budget=budget, confirm=confirm,
                     widths=widths, wide=cfg.max_candidates,
                 )
             timings["quick"] = time.perf_counter() - clock_anchor
             anchors = sorted(anchor_set, key=lambda pair: (pair[1], pair[0]))
-            readable = sum(test.usable(n) for n in anchor_lengths) / len(anchor_lengths)
+            readable = sum(test.usable(n) for n in ends) / len(ends)
             budget = None if cfg.time_limit is None else cfg.time_limit * ANCHOR_SHARE * readable
             anchored = assemble_by_anchors(
-                search, test, anchors, anchor_lengths, options_for, meta.batch_size, budget,
+                search, test, anchors, ends, options_for, meta.batch_size, budget,
                 accepted=quick, confirm=confirm,
             )
             timings["anchors"] = time.perf_counter() - clock_anchor - timings["quick"]
