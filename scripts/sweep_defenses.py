@@ -285,6 +285,9 @@ def run(args: argparse.Namespace) -> Path:
     done = {row_key(r) for r in load_rows(results)}
     grid = QUICK_GRID if args.quick else GRID
     families = args.families or list(grid)
+    if args.images and "freeze" in families:  # its patterns name a text encoder's parameters: a no-op on images
+        families = [f for f in families if f != "freeze"]
+        print("freeze skipped: its patterns name text-encoder parameters, none of an image model's")
     unknown = sorted(set(families) - set(grid))
     if unknown:
         raise SystemExit(f"unknown families {unknown}; known: {sorted(grid)}")

@@ -483,10 +483,10 @@ def test_sweep_attacks_defended_images_and_scores_psnr(tmp_path, monkeypatch):
     strokes[1, 6:9, 9:16] = 200
     _write_mnist(tmp_path / "mnist", strokes, [1, 7])
     argv = ["sweep", "--images", "mnist", "--image-root", str(tmp_path), "--attacks", "idlg", "--iterations", "30",
-            "--sentences", "1", "--families", "noise", "--quick", "--out", str(tmp_path / "out")]  # fmt: skip
+            "--sentences", "1", "--families", "noise", "freeze", "--quick", "--out", str(tmp_path / "out")]  # fmt: skip
     monkeypatch.setattr("sys.argv", argv)
     rows = {r["strength"]: r for r in sweep.load_rows(sweep.run(sweep.parse_args()))}
-    assert set(rows) == {0.0, 1e-4, 1e-3, 1e-2} and all(r["task"] == "images" for r in rows.values())
+    assert set(rows) == {0.0, 1e-4, 1e-3, 1e-2} and all(r["task"] == "images" for r in rows.values())  # no freeze
     assert rows[0.0]["psnr"] > 40 and rows[0.0]["label_accuracy"] == 1.0  # iDLG recovers the clean image
     assert rows[1e-2]["psnr"] < rows[0.0]["psnr"] - 15  # noise degrades it
     table = sweep.render_table(sweep.summarise(list(rows.values())))
