@@ -232,8 +232,6 @@ def attack_row(target, task, attack_name, options, sentences, labels, specs, see
 def image_attack_row(source, model, images, labels, attack_name, options, specs, seed) -> dict:
     """Attack one defended image batch: PSNR/SSIM and label accuracy, the update's fidelity to the clean one,
     and timings (the image counterpart of ``attack_row``)."""
-    if attack_name not in IMAGE_ATTACKS:
-        raise SystemExit(f"unknown image attack {attack_name!r}; known: {sorted(IMAGE_ATTACKS)}")
     update, truth = capture_image_update(
         source, images, labels, defenses=as_defenses(specs), client_seed=seed, model=model
     )
@@ -294,6 +292,8 @@ def run(args: argparse.Namespace) -> Path:
     baseline = [] if args.skip_baseline else [("none", 0.0, [])]
     configs = baseline + [(f, s, specs) for f in families for s, specs in grid[f]]
     if args.images:
+        if unknown := sorted(set(args.attacks) - set(IMAGE_ATTACKS)):
+            raise SystemExit(f"unknown image attacks {unknown}; known: {sorted(IMAGE_ATTACKS)}")
         root = args.image_root / args.images if (args.image_root / args.images).is_dir() else args.image_root
         dataset = load_dataset(args.images, root)
         source = image_source(args.image_arch, args.images, seed=args.seed, num_labels=len(dataset.classes))
@@ -333,14 +333,14 @@ def run(args: argparse.Namespace) -> Path:
         row = {**head, "kind": "attack", "attack": attack, "batch_size": batch_size, "batch_index": index}
         if row_key(row) in done or not claim(args.claim_dir, row_key(row)):
             continue
-        part = slice(index * batch_size, (index + 1) * batch_size)
-        if args.images:
-            options = attack_options("image", args.iterations, "cpu", args.option)
+        if args.images:  # image attacks run on the CPU
+            options = attack_options(attack, args.iterations, "cpu", args.option)
             images, image_labels = dataset.batch(index * batch_size, batch_size)
             seed = args.seed + index
             row.update(image_attack_row(source, image_model, images, image_labels, attack, options, specs, seed))
         else:
             options = attack_options(attack, args.iterations, args.device, args.option)
+            part = slice(index * batch_size, (index + 1) * batch_size)
             batch = (sentences[part], labels[part], specs, args.seed + index, reveal)
             row.update(attack_row(target, args.task, attack, options, *batch))
         if options:

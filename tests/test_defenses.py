@@ -491,6 +491,9 @@ def test_sweep_attacks_defended_images_and_scores_psnr(tmp_path, monkeypatch):
     assert rows[1e-2]["psnr"] < rows[0.0]["psnr"] - 15  # noise degrades it
     table = sweep.render_table(sweep.summarise(list(rows.values())))
     assert "PSNR" in table and "ROUGE" not in table
+    monkeypatch.setattr("sys.argv", [*argv, "--attacks", "tag"])
+    with pytest.raises(SystemExit, match="unknown image attacks \\['tag'\\]"):
+        sweep.run(sweep.parse_args())
     monkeypatch.setattr("sys.argv", [*argv, "--fine-tune-steps", "5"])
     with pytest.raises(SystemExit, match="cannot be combined with --images"):
         sweep.parse_args()

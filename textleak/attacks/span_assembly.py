@@ -101,6 +101,10 @@ class SentenceSearch:
         """Whether the search's time budget is spent (it then returns the best it has)."""
         return time.perf_counter() > self.deadline
 
+    def rows(self, sentences: torch.Tensor) -> torch.Tensor:
+        """(n, L): each first-layer output row's relative residual against the second layer's span."""
+        return self.span.residual(self.first(sentences))
+
     def score(self, sentences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sentence (n, L): the search objective and the worst row's relative residual.
 
@@ -110,8 +114,8 @@ class SentenceSearch:
         """
         objective, worst = [], []
         for start in range(0, sentences.shape[0], self.batch):
-            rows = self.span.residual(self.first(sentences[start : start + self.batch]))
-            objective.append(torch.log10(rows.clamp_min(1e-300)).mean(dim=-1))
+            rows = self.rows(sentences[start : start + self.batch])
+            objective.append(_objective(rows))
             worst.append(rows.amax(dim=-1))
         return torch.cat(objective), torch.cat(worst)
 
@@ -158,7 +162,7 @@ class SentenceSearch:
         for _ in range(self.max_sweeps):
             if found.score <= self.accept or self.expired:
                 break
-            rows = self.span.residual(self.first(torch.tensor([found.ids])))[0]
+            rows = self.rows(torch.tensor([found.ids]))[0]
             if float(rows.median()) > NEAR:
                 break
             worst = [p for p in rows.argsort(descending=True).tolist() if set(reserve[p]) - set(options[p])]
@@ -168,9 +172,8 @@ class SentenceSearch:
             variants = torch.tensor([list(found.ids)] * len(moves))
             variants[torch.arange(len(moves)), [p for p, _ in moves]] = torch.tensor([t for _, t in moves])
             objective, _ = self._scores(variants, avoid)
-            current, _ = self._scores(torch.tensor([found.ids]), avoid)
             k = int(objective.argmin())
-            if float(objective[k]) >= float(current[0]):
+            if float(objective[k]) >= float(_objective(rows)):
                 break
             options[moves[k][0]].append(moves[k][1])
             found = self.descend(variants[k].tolist(), options, avoid)
@@ -184,7 +187,7 @@ class SentenceSearch:
         """
         if found.score <= self.accept:
             return found
-        rows = self.span.residual(self.first(torch.tensor([found.ids])))[0]
+        rows = self.rows(torch.tensor([found.ids]))[0]
         chosen: list[int] = []
         size = 1
         for p in rows.argsort(descending=True).tolist():
@@ -218,6 +221,11 @@ class SentenceSearch:
             if tuple(row) in avoid:
                 objective[i] = worst[i] = float("inf")
         return objective, worst
+
+
+def _objective(rows: torch.Tensor) -> torch.Tensor:
+    """The search objective of sentences from their row residuals (..., L): the mean log residual."""
+    return torch.log10(rows.clamp_min(1e-300)).mean(dim=-1)
 
 
 def coordinate_descent(
