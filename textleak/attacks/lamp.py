@@ -6,8 +6,8 @@ random starts. When a side channel narrows the vocabulary (``constraints``, see 
 is instead a softmax mixture over its candidate tokens' embeddings, so the optimisation never leaves the set.
 Every ``discrete_every`` steps the current tokens (nearest allowed neighbour) are improved by discrete moves (swap
 two tokens, move a token, move a span, move a prefix to the end; with candidate sets also replace a token by
-another candidate). Each candidate batch is scored by its gradient distance (all candidates under one
-``torch.func.vmap``; log10 by default) plus ``prior_weight`` times the language prior's log-perplexity (plus
+another candidate). Each candidate batch is scored by its gradient distance (``score_chunk`` candidates at a time
+under ``torch.func.vmap``; log10 by default) plus ``prior_weight`` times the language prior's log-perplexity (plus
 ``coverage_weight`` times the fraction of tokens known to be in the batch that it leaves out); the best is kept.
 The answer is the best-scoring token batch seen in any discrete phase.
 """
@@ -26,7 +26,7 @@ from textleak.attacks.base import Progress, Reconstruction
 from textleak.attacks.constraints import CONSTRAINTS, Candidates, build_candidates
 from textleak.attacks.decode import allowed_tokens, nearest_tokens
 from textleak.attacks.loop import LoopConfig, match_gradients
-from textleak.attacks.optimization import GradientProblem, OptimizationAttack, TextAttackConfig
+from textleak.attacks.optimization import GradientProblem, OptimizationAttack, TextAttackConfig, cosine_distance
 from textleak.models import LoadedModel
 from textleak.priors import LanguagePrior, load_prior, mean_negative_log_prob
 from textleak.update import Update
@@ -117,6 +117,8 @@ class SequenceScorer:
         self.required, self.coverage_weight = torch.tensor(list(required), dtype=torch.long), coverage_weight
         self.scale = scale
         self.target = [t.to(torch.float64) for t in problem.target]  # 1 - cos cancels badly in float32
+        norm = torch.sqrt(sum((t * t).sum() for t in self.target))  # type: ignore[arg-type]
+        self.unit_target = [(t / norm.clamp_min(1e-30)).to(problem.target[0].dtype) for t in self.target]
         self.label_leaves: list[torch.Tensor] = []
         self.params = {n: p.detach() for n, p in zip(problem.names, problem.matched, strict=True)}
         self.scored = 0
@@ -144,10 +146,24 @@ class SequenceScorer:
 
         def one(embed: torch.Tensor) -> torch.Tensor:
             grads = torch.func.grad(lambda p: problem.loss(embed, labels, params=p))(self.params)
-            return self.distance([grads[n].to(torch.float64) for n in problem.names], self.target)
+            return self.compare([grads[n] for n in problem.names])
 
         with torch.no_grad():
             return torch.func.vmap(one, chunk_size=self.chunk)(embeds)
+
+    def compare(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The distance of one candidate's gradients to the target, accumulated in float64.
+
+        Cosine is taken as half the squared distance of the unit vectors: it does not cancel near a match (the true
+        batch scores about 1e-13 in float32), so no float64 copy of every gradient is needed, which halves the time
+        per candidate on a CPU."""
+        if self.distance is not cosine_distance:
+            return self.distance([g.to(torch.float64) for g in grads], self.target)
+        norm = torch.sqrt(sum(torch.sum(g * g, dtype=torch.float64) for g in grads))  # type: ignore[arg-type]
+        scale = (1 / norm.clamp_min(1e-30)).to(grads[0].dtype)
+        return 0.5 * sum(  # type: ignore[return-value]
+            torch.sum((g * scale - u) ** 2, dtype=torch.float64) for g, u in zip(grads, self.unit_target, strict=True)
+        )
 
     def coverage_terms(self, batches: torch.Tensor) -> torch.Tensor:
         """Fraction of the tokens known to be in the batch that each candidate batch leaves out."""
