@@ -152,18 +152,17 @@ class SequenceScorer:
             return torch.func.vmap(one, chunk_size=self.chunk)(embeds)
 
     def compare(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The distance of one candidate's gradients to the target, accumulated in float64.
+        """The distance of one candidate's gradients to the target.
 
-        Cosine is taken as half the squared distance of the unit vectors: it does not cancel near a match (the true
-        batch scores about 1e-13 in float32), so no float64 copy of every gradient is needed, which halves the time
-        per candidate on a CPU."""
+        Cosine is taken as half the squared distance of the unit vectors: its terms are positive and do not cancel
+        near a match (the true batch scores about 1e-13 in float32), so only per-tensor sums need float64, not a
+        float64 copy of every gradient."""
         if self.distance is not cosine_distance:
             return self.distance([g.to(torch.float64) for g in grads], self.target)
-        norm = torch.sqrt(sum(torch.sum(g * g, dtype=torch.float64) for g in grads))  # type: ignore[arg-type]
+        norm = torch.sqrt(sum((g * g).sum().to(torch.float64) for g in grads))  # type: ignore[arg-type]
         scale = (1 / norm.clamp_min(1e-30)).to(grads[0].dtype)
-        return 0.5 * sum(  # type: ignore[return-value]
-            torch.sum((g * scale - u) ** 2, dtype=torch.float64) for g, u in zip(grads, self.unit_target, strict=True)
-        )
+        squares = [((g * scale - u) ** 2).sum().to(torch.float64) for g, u in zip(grads, self.unit_target, strict=True)]
+        return 0.5 * sum(squares)  # type: ignore[return-value]
 
     def coverage_terms(self, batches: torch.Tensor) -> torch.Tensor:
         """Fraction of the tokens known to be in the batch that each candidate batch leaves out."""
