@@ -91,6 +91,19 @@ def test_position_rows_name_the_token_at_each_position(tiny_classifier, sent):
             assert bool(candidates.allowed[0, p, token])
 
 
+def test_position_channel_start_is_the_sentence_and_lamp_keeps_it(tiny_classifier, sent):
+    update, truth = sent
+    ids = list(truth.input_ids[0])
+    attack = get_attack("lamp", constraints="positions", iterations=2, discrete_every=1, discrete_rounds=0)
+    _, candidates, _ = attack.setup(update, tiny_classifier)
+    assert candidates.start is not None and candidates.start[0, 1:-1].tolist() == ids[1:-1]
+    # two continuous steps cannot find the order, but the guess is scored first and nothing beats it
+    result = attack.reconstruct(update, tiny_classifier)
+    assert result.token_ids == [ids] and result.details["final_distance"] < 1e-9
+    rows_only = get_attack("lamp", constraints="embedding-rows")
+    assert rows_only.setup(update, tiny_classifier)[1].start is None  # no positional channel, no guess
+
+
 def test_span_candidates_per_position_bound_the_output(tiny, tiny_classifier, sent):
     update, _ = sent
     problem, candidates, _ = get_attack("lamp", constraints="span", span_top_k=3).setup(update, tiny_classifier)

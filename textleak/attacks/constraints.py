@@ -7,7 +7,8 @@
 - ``positions`` (B = 1 only): per position, the ``top_k`` batch tokens (embedding rows) whose word-embedding
   gradient row points the way of that position's position-embedding gradient row: both are sums of the gradient at
   the embedding layer's input, so a token that occurs once has exactly its position's row (with B > 1 a position
-  row sums the whole batch).
+  row sums the whole batch). The best-aligned token of each position is also the attack's first guess (``start``):
+  on MiniLM it was the true token at every position of 7 CoLA and SST-2 sentences, also under noise 1e-4.
 - ``span``: per position, the ``top_k`` tokens of lowest first-layer span residual (``span_scoring``); the rank is
   capped at the number of tokens, so the sets stay usable when noise hides the true rank.
 - ``all``: every available source: the span sets intersected with the vocabulary sets where that leaves something.
@@ -55,6 +56,7 @@ class Candidates:
     details: dict[str, Any] = field(default_factory=dict)
     required: list[int] = field(default_factory=list)  # tokens known to occur in the batch
     warnings: list[str] = field(default_factory=list)
+    start: torch.Tensor | None = None  # (B, L) a first guess per position (the positions channel's best), or None
 
     def padded(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate ids (B, L, C) padded to the widest free position, and which entries are real."""
@@ -154,7 +156,7 @@ def build_candidates(
     required = sorted({t for s in sets if s.exact or s.subset for t in s.ids if bool(base[t])})
     if vocabulary is not None and any(s.exact for s in sets):
         required = [t for t in required if bool(vocabulary[t])]
-    per_position = None
+    per_position, start = None, None
     if mode in ("positions", "all") and layout.fixed_ids.shape[0] > 1:
         warnings.append("constraint positions: with B > 1 each position row mixes the batch; not used")
     elif mode in ("positions", "all"):
@@ -164,6 +166,7 @@ def build_candidates(
             warnings.append("constraint positions: the update lacks word- or position-embedding gradients")
         else:
             per_position = _mask(position_ids, vocab)
+            start = position_ids[None, :, 0]
     if mode in ("span", "all"):
         span_ids = span_position_tokens(update, model, layout, top_k)
         details["span_top_k"] = None if span_ids is None else top_k
@@ -194,7 +197,10 @@ def build_candidates(
         per_position_max=int(sizes.max()),
         required_tokens=len(required),
     )
-    return Candidates(allowed, details, required=required, warnings=warnings)
+    if start is not None:  # a guess the other sets exclude gives way to their first allowed token
+        guess = allowed.gather(-1, start[..., None])[..., 0]
+        start = torch.where(guess, start, allowed.to(torch.uint8).argmax(-1))
+    return Candidates(allowed, details, required=required, warnings=warnings, start=start)
 
 
 def _mask(ids: torch.Tensor, vocab: int) -> torch.Tensor:

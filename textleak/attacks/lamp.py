@@ -361,8 +361,10 @@ class LampAttack(OptimizationAttack):
         clock = time.perf_counter()
         init_losses = []
         state: list[torch.Tensor] = []
-        for _ in range(config.init_samples):
+        for sample in range(config.init_samples):
             leaves = [param.init(generator, config.init_scale), *problem.init_labels(generator)]
+            if sample == 0 and candidates.start is not None:  # the side channel's guess competes with the draws
+                leaves[0] = param.placed(leaves[0], candidates.start)
             leaves = [t.requires_grad_(True) for t in leaves]
             loss = float(distance(objective_gradients(leaves, create_graph=False), problem.target))
             init_losses.append(loss)
@@ -381,6 +383,10 @@ class LampAttack(OptimizationAttack):
         segments = _segments(config.iterations, config.discrete_every)
         curve: list[float] = []
         best_ids, best_score = layout.fixed_ids, float("inf")
+        if candidates.start is not None:  # the side channel's guess is an answer unless the search beats it
+            scorer.label_leaves = state[1:]
+            best_ids = torch.where(layout.free, candidates.start, layout.fixed_ids)
+            best_score = float(scorer(best_ids[None])[0])
         accepted_moves, continuous_s, discrete_s, warnings = 0, 0.0, 0.0, list(candidates.warnings)
         replace_options = self._replace_options(candidates)
         done = 0
@@ -495,6 +501,10 @@ class _FreeEmbeddings:
     def decode(self, leaf: torch.Tensor) -> torch.Tensor:
         return nearest_tokens(leaf, self.problem.table, self.allowed, metric=self.config.decode)
 
+    def placed(self, leaf: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``leaf`` with the free positions set to the rows of tokens ``ids`` (B, L)."""
+        return torch.where(self.problem.layout.free[..., None], self.problem.table[ids], leaf)
+
     def place(self, leaf: torch.Tensor, ids: torch.Tensor, moves: list[Move]) -> torch.Tensor:
         """Apply accepted moves to the embeddings: permuted rows follow their token, new tokens get their row."""
         leaf = leaf.clone()
@@ -542,9 +552,12 @@ class _Mixture:
         """Positions whose token a move changed get a confident weight on that token (where it is a candidate)."""
         if not moves:
             return leaf
+        return self.placed(leaf, ids, (ids != self.decode(leaf)) & self.problem.layout.free)
+
+    def placed(self, leaf: torch.Tensor, ids: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """A confident weight on token ``ids`` (B, L) at the positions ``where`` (default: every free one)."""
         leaf = leaf.clone()
-        changed = (ids != self.decode(leaf)) & self.problem.layout.free
-        for b, p in changed.nonzero().tolist():
+        for b, p in (self.problem.layout.free if where is None else where).nonzero().tolist():
             hit = (self.ids[b, p] == ids[b, p]) & self.valid[b, p]
             if hit.any():
                 leaf[b, p] = torch.where(hit, PLACED_LOGIT, 0.0)
