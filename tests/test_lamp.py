@@ -100,6 +100,9 @@ def test_position_channel_start_is_the_sentence_and_lamp_keeps_it(tiny_classifie
     # two continuous steps cannot find the order, but the guess is scored first and nothing beats it
     result = attack.reconstruct(update, tiny_classifier)
     assert result.token_ids == [ids] and result.details["final_distance"] < 1e-9
+    assert result.details["stopped_early"] and result.timings["iterations"] == 0  # an exact match ends the search
+    full = get_attack("lamp", constraints="positions", iterations=2, discrete_every=1, stop_distance=0)
+    assert full.reconstruct(update, tiny_classifier).timings["iterations"] == 2
     rows_only = get_attack("lamp", constraints="embedding-rows")
     assert rows_only.setup(update, tiny_classifier)[1].start is None  # no positional channel, no guess
 

@@ -6,10 +6,12 @@ random starts. When a side channel narrows the vocabulary (``constraints``, see 
 is instead a softmax mixture over its candidate tokens' embeddings, so the optimisation never leaves the set.
 Every ``discrete_every`` steps the current tokens (nearest allowed neighbour) are improved by discrete moves (swap
 two tokens, move a token, move a span, move a prefix to the end; with candidate sets also replace a token by
-another candidate). Each candidate batch is scored by its gradient distance (``score_chunk`` candidates at a time
+another candidate; with B > 1 also trade the tokens at one position, or from one position on, with another
+sentence). Each candidate batch is scored by its gradient distance (``score_chunk`` candidates at a time
 under ``torch.func.vmap``; log10 by default) plus ``prior_weight`` times the language prior's log-perplexity (plus
 ``coverage_weight`` times the fraction of tokens known to be in the batch that it leaves out); the best is kept.
-The answer is the best-scoring token batch seen in any discrete phase.
+The answer is the best-scoring token batch seen in any discrete phase; the search stops early once its gradient
+distance is below ``stop_distance`` (a batch whose gradient matches to float precision is the batch; 0: never).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class LampConfig(TextAttackConfig):
     position_top_k: int = 3
     row_ratio: float = 2.0
     score_chunk: int = 4
+    stop_distance: float = 1e-9
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +82,8 @@ class LampConfig(TextAttackConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if min(self.discrete_rounds, self.norm_weight, self.prior_weight, self.coverage_weight, self.row_ratio) < 0:
             raise ValueError("discrete_rounds, norm_weight, prior_weight, coverage_weight, row_ratio must be >= 0")
+        if self.stop_distance < 0:
+            raise ValueError(f"stop_distance must be >= 0, got {self.stop_distance!r}")
         if not self.mixture_lr > 0:
             raise ValueError(f"mixture_lr must be > 0, got {self.mixture_lr}")
 
@@ -235,6 +240,40 @@ def propose_moves(
     return moves
 
 
+def propose_exchanges(
+    current: torch.Tensor, row: int, free: torch.Tensor, count: int, generator: torch.Generator
+) -> list[list[Move]]:
+    """Up to ``count`` distinct edits that trade tokens between sequence ``row`` and another at the same positions:
+    one position, or every shared position from one on (a crossover). Each edit is one Move per sequence.
+
+    With B > 1 the position channel says which tokens sit at a position but not in which sentence, so the errors it
+    leaves are tokens in the wrong sentence at the right position, which moves within one sentence cannot fix.
+    """
+    batch = current.shape[0]
+    seen, edits = set(), []
+    for _ in range(count * 4):
+        if len(edits) >= count:
+            break
+        other = int(torch.randint(batch - 1, (1,), generator=generator))
+        other += other >= row
+        shared = (free[row] & free[other]).nonzero().flatten().tolist()
+        if not shared:
+            continue
+        start = shared[int(torch.randint(len(shared), (1,), generator=generator))]
+        crossover = bool(torch.randint(2, (1,), generator=generator))
+        positions = [p for p in shared if p >= start] if crossover else [start]
+        if (other, tuple(positions)) in seen or all(current[row, p] == current[other, p] for p in positions):
+            continue
+        seen.add((other, tuple(positions)))
+        edit = []
+        for mine, theirs in ((row, other), (other, row)):
+            slots = free[mine].nonzero().flatten().tolist()
+            tokens = [int(current[theirs, p] if p in positions else current[mine, p]) for p in slots]
+            edit.append(Move(mine, tokens, [-1 if p in positions else k for k, p in enumerate(slots)]))
+        edits.append(edit)
+    return edits
+
+
 def refine_tokens(
     ids: torch.Tensor,
     scorer: Callable[[torch.Tensor], torch.Tensor],
@@ -246,8 +285,8 @@ def refine_tokens(
     allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float, list[Move]]:
     """Greedy discrete search from the (B, L) token batch ``ids``: each round scores ``moves`` random edits of one
-    sequence (round robin) and keeps the best if it beats the current batch. Returns the batch, its score, and the
-    accepted moves in order."""
+    sequence (round robin; with B > 1 half of them trade tokens with another sequence) and keeps the best if it
+    beats the current batch. Returns the batch, its score, and the accepted moves in order."""
     current, best = ids.clone(), float(scorer(ids[None])[0])
     accepted: list[Move] = []
     batch = ids.shape[0]
@@ -258,17 +297,21 @@ def refine_tokens(
         options = None
         if allowed is not None:
             options = [allowed[row, int(p)].nonzero().flatten().tolist() for p in slots]
-        proposals = propose_moves(tokens, row, moves, generator, options)
-        if not proposals:
+        own = moves - moves // 2 if batch > 1 else moves
+        edits = [[move] for move in propose_moves(tokens, row, own, generator, options)]
+        if batch > 1:
+            edits += propose_exchanges(current, row, free, moves - own, generator)
+        if not edits:
             continue
-        candidates = current.expand(len(proposals), *current.shape).clone()
-        for k, move in enumerate(proposals):
-            candidates[k, row, slots] = torch.tensor(move.tokens)
+        candidates = current.expand(len(edits), *current.shape).clone()
+        for k, edit in enumerate(edits):
+            for move in edit:
+                candidates[k, move.sequence, free[move.sequence]] = torch.tensor(move.tokens)
         scores = scorer(candidates)
         k = int(scores.argmin())
         if float(scores[k]) < best:
             best, current = float(scores[k]), candidates[k]
-            accepted.append(proposals[k])
+            accepted.extend(edits[k])
     return current, best, accepted
 
 
@@ -390,7 +433,10 @@ class LampAttack(OptimizationAttack):
         accepted_moves, continuous_s, discrete_s, warnings = 0, 0.0, 0.0, list(candidates.warnings)
         replace_options = self._replace_options(candidates)
         done = 0
+        matched = best_score < float("inf") and float(scorer.gradient_terms(best_ids[None])[0]) < config.stop_distance
         for index, length in enumerate(segments):
+            if matched:
+                break
 
             def report(step: int, total: int, offset: int = done) -> None:
                 if progress is not None:
@@ -426,6 +472,7 @@ class LampAttack(OptimizationAttack):
             state[0] = param.place(state[0], ids, moves)
             if score < best_score:
                 best_ids, best_score = ids, score
+                matched = float(scorer.gradient_terms(best_ids[None])[0]) < config.stop_distance
             discrete_s += time.perf_counter() - clock
 
         token_ids = layout.fill(best_ids)
@@ -443,8 +490,8 @@ class LampAttack(OptimizationAttack):
                 "init_s": init_s,
                 "continuous_s": continuous_s,
                 "discrete_s": discrete_s,
-                "iterations": config.iterations,
-                "per_iteration_s": continuous_s / config.iterations,
+                "iterations": done,
+                "per_iteration_s": continuous_s / max(done, 1),
                 "candidates_scored": scorer.scored,
                 "per_candidate_s": discrete_s / max(scorer.scored, 1),
             },
@@ -459,6 +506,7 @@ class LampAttack(OptimizationAttack):
                 "parametrisation": "mixture" if mixture else "embeddings",
                 "candidate_sets": candidates.details,
                 "accepted_moves": accepted_moves,
+                "stopped_early": matched,
                 "prior": config.prior,
             },
         )

@@ -82,11 +82,14 @@ def pair_tokens(
     table row ``offset``).
 
     None when the update lacks the word- or position-embedding gradient (frozen embeddings), when a tied decoder
-    adds to the word gradient (mlm, all-tokens), or when the bag is empty.
+    adds to the word gradient (mlm, all-tokens; a classifier's word gradient is the input side alone, also when
+    noise fills the rows outside the bag), or when the bag is empty.
     Solved by accelerated projected gradient (FISTA) on the least-squares fit, each token's row on the simplex.
     """
     word, position = _gradient(update, WORD), _gradient(update, POSITION)
-    if word is None or position is None or not bag or not _untied(word, bag):
+    if word is None or position is None or not bag:
+        return None
+    if update.metadata.task != "classification" and not _untied(word, bag):  # a classifier's table is input-only
         return None
     targets, rows = position[offset : offset + positions], word[bag]
     scale = float(targets.norm()) or 1.0
