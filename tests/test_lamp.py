@@ -8,7 +8,9 @@ from textleak.attacks import get_attack
 from textleak.attacks.constraints import build_candidates, embedding_row_tokens
 from textleak.attacks.decode import allowed_tokens
 from textleak.attacks.lamp import refine_tokens
+from textleak.attacks.span_pairing import pair_tokens
 from textleak.client import simulate_client
+from textleak.defenses.client import defended_client
 from textleak.priors import mean_negative_log_prob, train_ngram
 
 OTHER_TEXT = "a dog sat on the rug.\nthe cat ate the fish.\n"
@@ -105,6 +107,20 @@ def test_position_channel_start_is_the_sentence_and_lamp_keeps_it(tiny_classifie
     assert full.reconstruct(update, tiny_classifier).timings["iterations"] == 2
     rows_only = get_attack("lamp", constraints="embedding-rows")
     assert rows_only.setup(update, tiny_classifier)[1].start is None  # no positional channel, no guess
+
+
+def test_pairing_narrows_positions_at_b2_also_under_noise(tiny_classifier):
+    sentences = ["the cat sat on a mat.", "my dog ran to her rug."]  # the pairing is exact for unique tokens
+    update, truth = defended_client(
+        tiny_classifier, sentences, task="classification", labels=[1, 0], seed=0, defenses=["noise:sigma=1e-6"]
+    )
+    _, candidates, _ = get_attack("lamp", constraints="positions").setup(update, tiny_classifier)
+    assert candidates.start is None and candidates.details["per_position_max"] <= 4
+    for k, ids in enumerate(truth.input_ids):
+        for p, token in enumerate(ids[1:-1], start=1):
+            assert bool(candidates.allowed[k, p, token])  # every true token is allowed where it sits
+    bag = sorted({t for ids in truth.input_ids for t in ids})
+    assert pair_tokens(update, bag, len(truth.input_ids[0])) is None  # span's exact pairing refuses noisy updates
 
 
 def test_span_candidates_per_position_bound_the_output(tiny, tiny_classifier, sent):
