@@ -192,13 +192,15 @@ def propose_moves(
     """Up to ``count`` distinct moves of one sequence's free tokens (``options``: candidates per slot).
 
     When every single replacement by another candidate fits in half the budget, they are all proposed (a
-    coordinate-descent sweep); random moves fill the rest.
+    coordinate-descent sweep); random moves fill the rest. A move that puts a token where its slot's candidates
+    exclude it is not proposed: with per-position sets most reorderings are, and scoring them wasted the budget.
     """
     n = len(tokens)
     kinds = [k for k in MOVES if k != "replace" or options is not None] if n >= 2 else ["replace"]
     if options is None and n < 2:
         return []
     seen, moves = {tuple(tokens)}, []
+    allowed = None if options is None else [set(o) for o in options]
     if options is not None:
         sweep = [(i, t) for i in range(n) for t in options[i] if t != tokens[i]]
         if len(sweep) <= count // 2:
@@ -234,6 +236,8 @@ def propose_moves(
                 cut = max(i, 1)
                 order = order[cut:] + order[:cut]
             new = [tokens[k] for k in order]
+            if allowed is not None and any(t not in allowed[k] for k, t in enumerate(new)):
+                continue
         if tuple(new) not in seen:
             seen.add(tuple(new))
             moves.append(Move(sequence, new, order))
