@@ -185,7 +185,10 @@ def build_candidates(
         paired = paired_position_tokens(update, model, layout, rows, vocab)
         details["position_top_k"] = None if paired is None else f"pairing share >= {PAIR_FLOOR}"
         if paired is None:
-            warnings.append("constraint positions: the update lacks word- or position-embedding gradients")
+            warnings.append(
+                "constraint positions: no token-position pairing (embedding gradients missing, or a tied masked-LM "
+                "decoder adds to the word gradient)"
+            )
         else:
             per_position = paired
     elif mode in ("positions", "all"):
