@@ -124,10 +124,27 @@ class SequenceScorer:
         self.target = [t.to(torch.float64) for t in problem.target]  # 1 - cos cancels badly in float32
         norm = torch.sqrt(sum((t * t).sum() for t in self.target))  # type: ignore[arg-type]
         self.unit_target = [(t / norm.clamp_min(1e-30)).to(problem.target[0].dtype) for t in self.target]
-        self.label_leaves: list[torch.Tensor] = []
+        self._label_leaves: list[torch.Tensor] = []
         self.params = {n: p.detach() for n, p in zip(problem.names, problem.matched, strict=True)}
         self.scored = 0
         self._prior_cache: dict[tuple[int, ...], float] = {}
+        self._distances: dict[tuple[int, ...], float] = {}  # gradient distance per batch under the current labels
+
+    @property
+    def label_leaves(self) -> list[torch.Tensor]:
+        """The soft-label leaves the gradients are taken with (none when labels are known)."""
+        return self._label_leaves
+
+    @label_leaves.setter
+    def label_leaves(self, leaves: list[torch.Tensor]) -> None:
+        self._label_leaves, self._distances = leaves, {}
+
+    def gradient_distance(self, ids: torch.Tensor) -> float:
+        """The gradient distance of one (B, L) batch, reused if this batch was scored under the current labels."""
+        key = tuple(ids.flatten().tolist())
+        if key not in self._distances:
+            self.gradient_terms(ids[None])
+        return self._distances[key]
 
     def content(self, ids: torch.Tensor, row: int) -> tuple[int, ...]:
         """The free tokens of sequence ``row`` of a (B, L) batch."""
@@ -154,7 +171,9 @@ class SequenceScorer:
             return self.compare([grads[n] for n in problem.names])
 
         with torch.no_grad():
-            return torch.func.vmap(one, chunk_size=self.chunk)(embeds)
+            distances = torch.func.vmap(one, chunk_size=self.chunk)(embeds)
+        self._distances.update(zip(map(tuple, batches.flatten(1).tolist()), distances.tolist(), strict=True))
+        return distances
 
     def compare(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """The distance of one candidate's gradients to the target.
@@ -437,7 +456,7 @@ class LampAttack(OptimizationAttack):
         accepted_moves, continuous_s, discrete_s, warnings = 0, 0.0, 0.0, list(candidates.warnings)
         replace_options = self._replace_options(candidates)
         done = 0
-        matched = best_score < float("inf") and float(scorer.gradient_terms(best_ids[None])[0]) < config.stop_distance
+        matched = best_score < float("inf") and scorer.gradient_distance(best_ids) < config.stop_distance
         for index, length in enumerate(segments):
             if matched:
                 break
@@ -476,12 +495,12 @@ class LampAttack(OptimizationAttack):
             state[0] = param.place(state[0], ids, moves)
             if score < best_score:
                 best_ids, best_score = ids, score
-                matched = float(scorer.gradient_terms(best_ids[None])[0]) < config.stop_distance
+                matched = scorer.gradient_distance(best_ids) < config.stop_distance
             discrete_s += time.perf_counter() - clock
 
         token_ids = layout.fill(best_ids)
         total_s = setup_s + init_s + continuous_s + discrete_s
-        final_distance = float(scorer.gradient_terms(best_ids[None])[0])
+        final_distance = scorer.gradient_distance(best_ids)
         return Reconstruction(
             attack=self.name,
             token_ids=token_ids,
