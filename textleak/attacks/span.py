@@ -5,7 +5,8 @@
 2. [SEP] candidates give the sentence lengths; padding contributes nothing to the gradient.
 3. For B > 1 the per-position candidates are assembled into sentences with the second layer's span
    (span_assembly); for B = 1 the same check confirms the single answer. Before that, sentences are grown around
-   tokens that occur once in the batch, guided by the first attention layer's per-token gradients (span_attention).
+   tokens that occur once in the batch, first as whole sentences solved from the first attention layer's context
+   span (span_context), then guided by the first attention layer's per-token gradients (span_attention).
 4. For mlm updates the masked-out labels are placed at the masked positions (mlm_labels).
 """
 
@@ -31,6 +32,7 @@ from textleak.attacks.span_assembly import (
     assemble_by_anchors,
 )
 from textleak.attacks.span_attention import AttentionTest, attention_test
+from textleak.attacks.span_context import assemble_by_context, context_solver
 from textleak.attacks.span_pairing import Pairing, pair_tokens
 from textleak.attacks.span_scoring import (
     EmbeddingParts,
@@ -59,6 +61,8 @@ ANCHOR_SEP_SHARE = 0.01
 ANCHOR_SHARE = 0.5
 #: Share of ``time_limit`` for the quick second-layer pass before the anchors (one descent per sentence, no restarts)
 QUICK_SHARE = 0.2
+#: Share of ``time_limit`` for the context proposals, before the quick pass (span_context)
+CONTEXT_SHARE = 0.4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +83,8 @@ class SpanConfig:
     that growth, one quick pass of the second-layer search (one descent per length, no restarts), which takes the
     easy sentences in seconds; every sentence either finds must also agree with the anchors it holds. time_limit:
     seconds for the sentence search, after which the best answer so far is returned with a warning (None: no limit).
+    context: after the quick pass, propose whole sentences around those tokens from the first attention layer's
+    output-projection gradient (span_context; needs pairing and attention), finished by the second-layer search.
     """
 
     threshold: float | None = None
@@ -94,6 +100,7 @@ class SpanConfig:
     attention: bool = True
     quick: bool = True
     time_limit: float | None = None
+    context: bool = True
 
     def __post_init__(self) -> None:
         for name in ("threshold", "rank_tol", "accept"):
@@ -179,6 +186,7 @@ class SpanAttack:
         if not any(passing[1:]):
             warnings.append(f"no candidate passes the layer-1 threshold {threshold:.2e}; best candidates used")
         pairing, test = None, None
+        paired_count = [0] * len(passing)
         if meta.batch_size > 1 and (cfg.pairing or cfg.attention):
             clock = time.perf_counter()
             bag = sorted({t for tokens in passing for t in tokens})
@@ -187,7 +195,7 @@ class SpanAttack:
                 pairing = pair_tokens(update, bag, meta.seq_len, offset=parts.position_offset)
             timings["pairing"] = time.perf_counter() - clock
             if pairing is not None:
-                passing = _paired(passing, pairing, parts, span1, types[0], cfg.pair_floor, threshold)
+                passing, paired_count = _paired(passing, pairing, parts, span1, types[0], cfg.pair_floor, threshold)
         sep, cls, pad = tok.sep_token_id, tok.cls_token_id, tok.pad_token_id
         lengths = _lengths(passing, res, ids, sep)
         if not any(sep in passing[p] for p in range(len(passing))):
@@ -246,28 +254,48 @@ class SpanAttack:
                 out.append(max(1, min(meta.batch_size, reach - held)))
             return out
 
+        contextual: list[Found] = []
         quick: list[Found] = []
         anchored: list[Found] = []
         confirm: Callable[[Found], bool] | None = None
         if cfg.attention and test is not None and pairing is not None:
-            clock_anchor = time.perf_counter()
             anchor_set = {(t, p) for t, p in single if t not in (sep, cls, pad)}
+            anchors = sorted(anchor_set, key=lambda pair: (pair[1], pair[0]))
             confirm = partial(_agrees, test, anchor_set, search.attention_accept)
+            if cfg.context:
+                clock_phase = time.perf_counter()
+                # tokens seen more than once may sit anywhere: the pairing spreads their share over the positions
+                once = {t for t, _ in single} | {sep, cls, pad}
+                anywhere = sorted({t for tokens in passing for t in tokens} - once)
+                narrow = [[cls]] + [
+                    [t for t in tokens[: paired_count[p]] if t not in (cls, pad)] + [sep]
+                    for p, tokens in enumerate(passing) if p > 0
+                ]
+                solver = context_solver(model, update, parts, narrow, types[0], anywhere)
+                if solver is not None:
+                    budget = None if cfg.time_limit is None else cfg.time_limit * CONTEXT_SHARE
+                    contextual = assemble_by_context(
+                        search, solver, anchors, ends, partial(_narrowed, options_for, paired_count),
+                        meta.batch_size, first=cls, last=sep, budget=budget, confirm=confirm,
+                    )
+                timings["context"] = time.perf_counter() - clock_phase
+            clock_phase = time.perf_counter()
             budget = None if cfg.time_limit is None else cfg.time_limit * QUICK_SHARE
+            quick = contextual
             if cfg.quick:
                 quick, _ = assemble(
-                    search, ends, options_for, meta.batch_size, quick=True, budget=budget, confirm=confirm,
-                    widths=widths, wide=cfg.max_candidates,
+                    search, ends, options_for, meta.batch_size, accepted=contextual, quick=True, budget=budget,
+                    confirm=confirm, widths=widths, wide=cfg.max_candidates,
                 )
-            timings["quick"] = time.perf_counter() - clock_anchor
-            anchors = sorted(anchor_set, key=lambda pair: (pair[1], pair[0]))
+            timings["quick"] = time.perf_counter() - clock_phase
+            clock_phase = time.perf_counter()
             readable = sum(test.usable(n) for n in ends) / len(ends)
             budget = None if cfg.time_limit is None else cfg.time_limit * ANCHOR_SHARE * readable
             anchored = assemble_by_anchors(
                 search, test, anchors, ends, options_for, meta.batch_size, budget,
                 accepted=quick, confirm=confirm,
             )
-            timings["anchors"] = time.perf_counter() - clock_anchor - timings["quick"]
+            timings["anchors"] = time.perf_counter() - clock_phase
         accepted, rejected = assemble(
             search, lengths, options_for, meta.batch_size, accepted=anchored, confirm=confirm,
             widths=widths, wide=cfg.max_candidates,
@@ -291,7 +319,8 @@ class SpanAttack:
             "lengths": [len(f.ids) for f in sentences],
             "candidate_lengths": lengths,
             "estimated_sequences": len(accepted),
-            "quick_sentences": len(quick),
+            "context_sentences": len(contextual),
+            "quick_sentences": len(quick) - len(contextual),
             "anchored_sentences": len(anchored) - len(quick),
             "sentence_scores": [f.score for f in sentences],
             "candidates": _candidate_table(ids, res, threshold),
@@ -346,11 +375,12 @@ def _paired(
     token_type: int,
     floor: float,
     threshold: float,
-) -> list[list[int]]:
+) -> tuple[list[list[int]], list[int]]:
     """Per position, the bag's tokens whose pairing share there is at least ``floor`` and which pass the layer-1
     check there, largest share first, then the position's other layer-1 candidates (a poor fit, as on randomly
-    initialised models whose word gradients are nearly collinear, then costs search time, never a lost token)."""
-    out = []
+    initialised models whose word gradients are nearly collinear, then costs search time, never a lost token);
+    and per position how many lead the list from the pairing."""
+    out, counts = [], []
     for p, fallback in enumerate(passing):
         ranked = [t for t, _ in pairing.ranked(p, floor)]
         if ranked:
@@ -360,7 +390,16 @@ def _paired(
             )
             ranked = [t for t, r in zip(ranked, span.residual(rows).tolist(), strict=True) if r <= threshold]
         out.append(ranked + [t for t in fallback if t not in ranked])
-    return out
+        counts.append(len(ranked))
+    return out, counts
+
+
+def _narrowed(
+    options_for: Callable[[int, list[Found]], list[list[int]]], counts: list[int], length: int, accepted: list[Found]
+) -> list[list[int]]:
+    """``options_for`` cut to each position's paired candidates (at least one): the context proposals are near a
+    sentence already, and every extra candidate costs the second layer's descent a forward pass per sweep."""
+    return [tokens[: max(1, counts[p])] for p, tokens in enumerate(options_for(length, accepted))]
 
 
 def _keep(cfg: SpanConfig, span: SpanBasis) -> int:

@@ -1,0 +1,80 @@
+"""The first attention layer's context span: whole sentences proposed around once-seen tokens."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from textleak.attacks.span import SpanAttack
+from textleak.attacks.span_context import context_solver
+from textleak.attacks.span_scoring import embedding_parts
+from textleak.client import simulate_client
+from textleak.models import load_model
+from textleak.update import Update
+
+SENTENCES = [
+    "the cat sat on the mat near the old door.",
+    "a very good movie indeed, with a fine cast",
+    "dogs bark at night when the moon is full",
+    "rain fell all week on the quiet little town",
+]
+
+
+@pytest.fixture(scope="module")
+def mini():
+    """The packaged MiniLM: its trained attention sets tokens apart by position, where a random model's near-uniform
+    attention makes a sentence's context rows nearly blind to word order."""
+    return load_model("default", head="classification", seed=0)
+
+
+def _solver(target, update, truth, distractors: int = 3):
+    """A solver whose candidates per position are the batch's tokens there plus ``distractors`` tokens from elsewhere
+    in the batch; tokens seen more than once may sit anywhere."""
+    tok = target.tokenizer
+    count = Counter(t for ids in truth.input_ids for t in ids)
+    bag = sorted(count)
+    options = []
+    for p in range(update.metadata.seq_len):
+        here = {ids[p] for ids in truth.input_ids if p < len(ids)}
+        others = [t for t in bag if t not in here and t != tok.cls_token_id][p : p + distractors]
+        options.append(sorted(here | set(others) | ({tok.sep_token_id} if p else {tok.cls_token_id})))
+    anywhere = [t for t, c in count.items() if c > 1 and t not in tok.all_special_ids]
+    return context_solver(target.model, update, embedding_parts(target.model), options, 0, anywhere), count
+
+
+def test_a_once_seen_token_gets_its_own_sentence_proposed(mini):
+    update, truth = simulate_client(mini, SENTENCES, task="classification", seed=0, reveal=())
+    solver, count = _solver(mini, update, truth)
+    assert solver is not None
+    tok = mini.tokenizer
+    for ids in truth.input_ids:
+        anchor = next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1)
+        residual, sentence = solver.propose(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
+        assert sentence == list(ids)
+        assert residual < 1e-3
+        wrong = solver.propose(anchor, len(ids) - 1, tok.cls_token_id, tok.sep_token_id)
+        assert wrong is not None and wrong[0] > 10 * residual
+
+
+def test_an_anchor_that_is_no_candidate_gets_no_proposal(mini):
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    solver, _ = _solver(mini, update, truth)
+    tok = mini.tokenizer
+    assert solver.propose((7592, 2), len(truth.input_ids[0]), tok.cls_token_id, tok.sep_token_id) is None
+    assert solver.propose((truth.input_ids[0][1], 1), 1, tok.cls_token_id, tok.sep_token_id) is None
+
+
+def test_no_solver_without_the_output_projection_gradient(mini):
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    kept = {n: g for n, g in update.gradients.items() if "layer.0.attention.output.dense" not in n}
+    solver, _ = _solver(mini, Update(gradients=kept, metadata=update.metadata), truth)
+    assert solver is None
+
+
+def test_a_batch_of_four_is_recovered_from_context_proposals(mini):
+    update, truth = simulate_client(mini, SENTENCES, task="classification", seed=0, reveal=())
+    result = SpanAttack(quick=False, seed=0).reconstruct(update, mini)
+    assert sorted(map(tuple, result.token_ids)) == sorted(map(tuple, truth.input_ids))
+    assert result.details["context_sentences"] >= 3
+    assert "context" in result.timings
