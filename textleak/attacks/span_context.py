@@ -90,7 +90,8 @@ class ContextSolver:
             return None
         framed = [(p == 0) == (t == first) and (p == length - 1) == (t == last) for t, p in self.occurrences]
         allowed = (self.position < length) & torch.tensor(framed)
-        live = (allowed & self.narrow).nonzero().flatten()
+        allowed &= (self.position != anchor[1]) | (torch.arange(len(self.occurrences)) == self.index[anchor])  # known
+        live = (allowed & (self.narrow | (self.position == anchor[1]))).nonzero().flatten()
         at = self.position[live]
         if len(torch.unique(at)) < length:  # a position without candidates
             return None
