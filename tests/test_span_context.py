@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 
 from textleak.attacks.span import SpanAttack
-from textleak.attacks.span_context import context_solver
-from textleak.attacks.span_scoring import embedding_parts
+from textleak.attacks.span_assembly import FirstLayer, SentenceSearch
+from textleak.attacks.span_context import assemble_by_context, context_solver
+from textleak.attacks.span_scoring import embedding_parts, qkv_gradient_names, span_basis, stacked_gradient
 from textleak.client import simulate_client
 from textleak.models import load_model
 from textleak.update import Update
@@ -78,3 +79,26 @@ def test_a_batch_of_four_is_recovered_from_context_proposals(mini):
     assert sorted(map(tuple, result.token_ids)) == sorted(map(tuple, truth.input_ids))
     assert result.details["context_sentences"] >= 3
     assert "context" in result.timings
+
+
+def test_a_sentence_whose_end_the_pairing_missed_is_found_at_a_spare_length(mini):
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    solver, count = _solver(mini, update, truth)
+    tok = mini.tokenizer
+    span2 = span_basis(stacked_gradient(update, qkv_gradient_names(mini.model, 1)))
+    search = SentenceSearch(FirstLayer(mini.model), span2, accept=1e-4, seed=0)
+    target = list(truth.input_ids[0])
+    anchors = [(t, p) for p, t in enumerate(target) if count[t] == 1 and 0 < p < len(target) - 1][:2]
+    special = set(tok.all_special_ids)
+
+    def options_for(length, accepted):  # the batch's tokens at each position
+        middle = [sorted({ids[p] for ids in truth.input_ids if p < len(ids)} - special) for p in range(1, length - 1)]
+        return [[tok.cls_token_id], *middle, [tok.sep_token_id]]
+
+    wrong_end = next(n for n in range(len(target) - 1, 3, -1) if n not in {len(ids) for ids in truth.input_ids})
+    missed = assemble_by_context(search, solver, anchors, [wrong_end], options_for, 1, first=tok.cls_token_id,
+                                 last=tok.sep_token_id)
+    assert missed == []
+    found = assemble_by_context(search, solver, anchors, [wrong_end], options_for, 1, first=tok.cls_token_id,
+                                last=tok.sep_token_id, spare=[3, len(target)])
+    assert [list(f.ids) for f in found] == [target]

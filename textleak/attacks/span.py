@@ -276,7 +276,7 @@ class SpanAttack:
                     budget = None if cfg.time_limit is None else cfg.time_limit * CONTEXT_SHARE
                     contextual = assemble_by_context(
                         search, solver, anchors, ends, partial(_narrowed, options_for, paired_count),
-                        meta.batch_size, first=cls, last=sep, budget=budget, confirm=confirm,
+                        meta.batch_size, first=cls, last=sep, spare=lengths, budget=budget, confirm=confirm,
                     )
                 timings["context"] = time.perf_counter() - clock_phase
             clock_phase = time.perf_counter()

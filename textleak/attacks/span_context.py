@@ -39,6 +39,8 @@ FIRST_STEPS, MORE_STEPS = 20, 10
 EXTRA_ANCHORS = 4
 #: A position whose favourite weighs less than this after the first solve also tries the tokens allowed anywhere.
 SURE = 0.9
+#: Candidate lengths beyond the sentence ends that each anchor also tries.
+SPARE_LENGTHS = 2
 #: Proposals per anchor (lowest residual first) that the second layer's search finishes.
 PROPOSALS_TRIED = 2
 
@@ -223,6 +225,7 @@ def assemble_by_context(
     *,
     first: int,
     last: int,
+    spare: list[int] | None = None,
     budget: float | None = None,
     accepted: list[Found] | None = None,
     confirm: Callable[[Found], bool] | None = None,
@@ -231,9 +234,11 @@ def assemble_by_context(
     ``accepted`` ones; ``confirm`` as in ``assemble``.
 
     For each anchor not yet in a found sentence, one proposal per sentence end no found sentence has (every end
-    once all are held), best residual first; the search descends from the two best among ``options_for`` the
-    length (each position's narrow favourites plus the proposed token) and keeps a sentence the second layer
-    accepts. ``budget`` (seconds) bounds the phase.
+    once all are held) and per length among the first ``SPARE_LENGTHS`` of ``spare`` (other candidate lengths,
+    most likely first: the ends come from the pairing, which can rank a spurious [SEP] above a true one). The
+    search descends from the two proposals with the lowest residual among ``options_for`` the length (each
+    position's narrow favourites plus the proposed token) and keeps a sentence the second layer accepts.
+    ``budget`` (seconds) bounds the phase.
     """
     accepted = list(accepted or [])
     deadline = math.inf if budget is None else time.perf_counter() + budget
@@ -244,7 +249,9 @@ def assemble_by_context(
             continue
         held = {len(f.ids) for f in accepted}
         proposals = []
-        for length in [n for n in ends if n not in held] or ends:
+        tried = [n for n in ends if n not in held] or list(ends)
+        tried += [n for n in spare or [] if n not in ends and n not in held][:SPARE_LENGTHS]
+        for length in tried:
             proposal = solver.propose((token, position), length, first, last)
             if proposal is not None:
                 proposals.append((proposal[0], length, proposal[1]))
