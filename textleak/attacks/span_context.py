@@ -41,8 +41,9 @@ EXTRA_ANCHORS = 4
 SURE = 0.9
 #: A first solve with more than this many times as many free unknowns (candidates less positions) as equations
 #: (the span's complement) is not tried: it has many exact solutions (SST-2 sentences of 40 tokens at B=4 were
-#: solved at 1.06x; at B=8 on MiniLM sentences that long reach about 4x).
-UNDERDETERMINED = 2.0
+#: solved at 1.06x; at B=8 on MiniLM sentences that long reach about 4x, and with solves allowed up to 2x the
+#: phase cost SST-2/RT B=8 13-18 ROUGE-1 points of search time).
+UNDERDETERMINED = 1.25
 #: Candidate lengths beyond the sentence ends that each anchor also tries.
 SPARE_LENGTHS = 2
 #: Proposals per anchor (lowest residual first) that the second layer's search finishes.
@@ -97,7 +98,8 @@ class ContextSolver:
             return None
         framed = [(p == 0) == (t == first) and (p == length - 1) == (t == last) for t, p in self.occurrences]
         allowed = (self.position < length) & torch.tensor(framed)
-        allowed &= (self.position != anchor[1]) | (torch.arange(len(self.occurrences)) == self.index[anchor])  # known
+        # the anchor's position holds the anchor: it is known to sit there
+        allowed &= (self.position != anchor[1]) | (torch.arange(len(self.occurrences)) == self.index[anchor])
         live = (allowed & (self.narrow | (self.position == anchor[1]))).nonzero().flatten()
         at = self.position[live]
         if len(torch.unique(at)) < length:  # a position without candidates
@@ -124,7 +126,7 @@ class ContextSolver:
     ) -> tuple[torch.Tensor, float]:
         """Alternate the per-head normalisers and the constrained least-squares membership, from ``m``."""
         n = len(live)
-        terms = []  # per anchor: (heads, n) attention weights and (heads, n, r) weighted off-span values
+        terms = []  # per anchor: (heads, n) attention weights and (heads, r * n) weighted off-span values
         for a in anchors:
             scores = torch.einsum("hd,nhd->hn", self.queries[a], self.keys[live])
             weights = torch.exp(scores - scores.max(-1, keepdim=True).values)
