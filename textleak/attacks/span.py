@@ -83,8 +83,9 @@ class SpanConfig:
     that growth, one quick pass of the second-layer search (one descent per length, no restarts), which takes the
     easy sentences in seconds; every sentence either finds must also agree with the anchors it holds. time_limit:
     seconds for the sentence search, after which the best answer so far is returned with a warning (None: no limit).
-    context: after the quick pass, propose whole sentences around those tokens from the first attention layer's
-    output-projection gradient (span_context; needs pairing and attention), finished by the second-layer search.
+    context: before the quick pass, propose whole sentences around tokens that occur once from the first attention
+    layer's output-projection gradient (span_context; needs pairing and attention), finished by the second-layer
+    search.
     """
 
     threshold: float | None = None
