@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from textleak.attacks.span_scoring import EmbeddingParts, encoder_layers, first_layer_inputs, qkv_gradient_names
+from textleak.attacks.span_scoring import EmbeddingParts, first_attention, first_layer_inputs, qkv_gradient_names
 from textleak.update import Update
 
 
@@ -185,17 +185,12 @@ def attention_test(
 ) -> AttentionTest | None:
     """The test for the first layer, or None when its query/key gradients or modules cannot be found by name."""
     names = qkv_gradient_names(model, 0)
-    attention = next(
-        (m for m in encoder_layers(model)[0].modules() if hasattr(m, "num_attention_heads") or hasattr(m, "n_heads")),
-        None,
-    )
-    if attention is None or len(names) < 2 or not bag:
+    found = first_attention(model)
+    if found is None or len(names) < 2 or not bag:
         return None
-    modules = dict(attention.named_children())
-    query = modules.get("query") or modules.get("q_lin")
-    key = modules.get("key") or modules.get("k_lin")
-    heads = getattr(attention, "num_attention_heads", None) or getattr(attention, "n_heads", None)
-    if not isinstance(query, torch.nn.Linear) or not isinstance(key, torch.nn.Linear) or query.bias is None:
+    heads, projections = found
+    query, key = projections.get("query"), projections.get("key")
+    if query is None or key is None or query.bias is None:
         return None
     grads = [update.gradients.get(name) for name in names[:2]]
     if grads[0] is None or grads[1] is None:
@@ -207,7 +202,7 @@ def attention_test(
         types,
         query=query,
         key=key,
-        heads=int(heads),
+        heads=heads,
         grad_query=grads[0],
         grad_key=grads[1],
     )

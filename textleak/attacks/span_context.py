@@ -25,11 +25,10 @@ from collections.abc import Callable
 import torch
 
 from textleak.attacks.span_assembly import Found, SentenceSearch
-from textleak.attacks.span_scoring import EmbeddingParts, encoder_layers, first_layer_inputs
+from textleak.attacks.span_scoring import EmbeddingParts, encoder_layers, first_attention, first_layer_inputs
 from textleak.update import Update
 
-#: Names of the first attention block's query/key/value/output projections across the BERT family.
-QUERY, KEY, VALUE = ("query", "q_lin", "q_proj"), ("key", "k_lin", "k_proj"), ("value", "v_lin", "v_proj")
+#: Module names of the first attention block's output projection across the BERT family.
 OUTPUT = ("attention.output.dense", "attention.out_lin", "attention.o_proj", "attention.out_proj")
 #: The context span's spectral gap below which it is too blurred (noise, pruning) to solve against.
 MIN_GAP = 10.0
@@ -73,10 +72,11 @@ class ContextSolver:
         self.index = {occurrence: i for i, occurrence in enumerate(self.occurrences)}
         n = len(self.occurrences)
         self.narrow = torch.arange(n) < len(narrow)
+        self.token = torch.tensor([t for t, _ in self.occurrences], dtype=torch.long)
         self.position = torch.tensor([p for _, p in self.occurrences], dtype=torch.long)
         x = first_layer_inputs(
             parts,
-            torch.tensor([t for t, _ in self.occurrences], dtype=torch.long),
+            self.token,
             self.position,
             torch.full((n,), token_type, dtype=torch.long),
         )
@@ -96,8 +96,10 @@ class ContextSolver:
         solve's, per anchor: near zero when a consistent sentence was found."""
         if anchor not in self.index or not 0 < anchor[1] < length - 1:
             return None
-        framed = [(p == 0) == (t == first) and (p == length - 1) == (t == last) for t, p in self.occurrences]
-        allowed = (self.position < length) & torch.tensor(framed)
+        # [CLS] exactly at position 0 and [SEP] exactly at the last
+        framed = (self.position == 0) == (self.token == first)
+        framed &= (self.position == length - 1) == (self.token == last)
+        allowed = (self.position < length) & framed
         # the anchor's position holds the anchor: it is known to sit there
         allowed &= (self.position != anchor[1]) | (torch.arange(len(self.occurrences)) == self.index[anchor])
         live = (allowed & (self.narrow | (self.position == anchor[1]))).nonzero().flatten()
@@ -161,17 +163,14 @@ def context_solver(
 ) -> ContextSolver | None:
     """The solver for the first layer, or None when its modules or output-projection gradient cannot be found, or
     when that gradient's span is full or blurred (no clear spectral gap: noised or pruned updates)."""
-    layer = encoder_layers(model)[0]
+    found = first_attention(model)
+    output = next(
+        (m for name, m in encoder_layers(model)[0].named_modules() if any(name.endswith(end) for end in OUTPUT)), None
+    )
+    if found is None or len(found[1]) < 3 or not isinstance(output, torch.nn.Linear) or not any(options):
+        return None
+    heads, projections = found
     owner = {id(p): name for name, p in model.named_parameters()}
-    modules = dict(layer.named_modules())
-    attention = next((m for m in modules.values() if hasattr(m, "num_attention_heads") or hasattr(m, "n_heads")), None)
-    if attention is None or not any(options):
-        return None
-    children = dict(attention.named_children())
-    found = [next((children[n] for n in names if n in children), None) for names in (QUERY, KEY, VALUE)]
-    output = next((m for name, m in modules.items() if any(name.endswith(suffix) for suffix in OUTPUT)), None)
-    if not all(isinstance(m, torch.nn.Linear) for m in [*found, output]):
-        return None
     gradient = update.gradients.get(owner.get(id(output.weight), ""))
     if gradient is None or not bool(torch.isfinite(gradient).all()):
         return None
@@ -182,11 +181,7 @@ def context_solver(
     if rank >= len(sigma) - 1 or float(drops[rank - 1]) < math.log10(MIN_GAP):
         return None
     complement = vh[rank:]
-    heads = getattr(attention, "num_attention_heads", None) or getattr(attention, "n_heads", None)
-    query, key, value = found
-    return ContextSolver(
-        parts, complement, options, token_type, anywhere, query=query, key=key, value=value, heads=int(heads)
-    )
+    return ContextSolver(parts, complement, options, token_type, anywhere, heads=heads, **projections)
 
 
 def _uniform(at: torch.Tensor, length: int) -> torch.Tensor:

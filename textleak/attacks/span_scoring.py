@@ -16,8 +16,13 @@ import torch
 
 from textleak.update import Update
 
-#: Names of the query/key/value projections across the BERT family (BERT/RoBERTa/MiniLM, DistilBERT, others).
-QKV_NAMES = ("query", "key", "value", "q_lin", "k_lin", "v_lin", "q_proj", "k_proj", "v_proj")
+#: Names of the query/key/value projections across the BERT family (BERT/RoBERTa/MiniLM, DistilBERT, others), by role.
+PROJECTIONS = {
+    "query": ("query", "q_lin", "q_proj"),
+    "key": ("key", "k_lin", "k_proj"),
+    "value": ("value", "v_lin", "v_proj"),
+}
+QKV_NAMES = tuple(name for names in PROJECTIONS.values() for name in names)
 #: Singular values below this fraction of the largest are never counted as signal.
 RANK_FLOOR = 1e-12
 #: Without a clear fall, singular values above this multiple of the median stand out of the noise bulk.
@@ -54,6 +59,21 @@ def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         if isinstance(layers, torch.nn.ModuleList):
             return layers
     raise ValueError(f"cannot find the encoder layers of {type(model).__name__}")
+
+
+def first_attention(model: torch.nn.Module) -> tuple[int, dict[str, torch.nn.Linear]] | None:
+    """The first encoder layer's head count and its query/key/value projections by role ("query", "key", "value";
+    found by structure and ``PROJECTIONS``), or None when the layer has no recognisable attention module."""
+    attention = next(
+        (m for m in encoder_layers(model)[0].modules() if hasattr(m, "num_attention_heads") or hasattr(m, "n_heads")),
+        None,
+    )
+    if attention is None:
+        return None
+    heads = getattr(attention, "num_attention_heads", None) or getattr(attention, "n_heads", None)
+    children = dict(attention.named_children())
+    found = {role: next((children[n] for n in names if n in children), None) for role, names in PROJECTIONS.items()}
+    return int(heads), {role: m for role, m in found.items() if isinstance(m, torch.nn.Linear)}
 
 
 def qkv_gradient_names(model: torch.nn.Module, layer_index: int) -> list[str]:
