@@ -41,7 +41,8 @@ SURE = 0.9
 #: A first solve with more than this many times as many free unknowns (candidates less positions) as equations
 #: (the span's complement) is not tried: it has many exact solutions. SST-2 B=4 batch 2's 40-token sentences (about
 #: 7 candidates per position, 256 equations) sit near 1x and are solved; allowing up to 2x cost SST-2/RT B=8 13-18
-#: ROUGE-1 points of search time on MiniLM, whose batches of 8 leave about 134 equations.
+#: ROUGE-1 points of search time on MiniLM, whose batches of 8 long sentences leave far fewer equations (384 less
+#: the batch's tokens, about 250 by estimate).
 UNDERDETERMINED = 1.25
 #: Candidate lengths beyond the sentence ends that each anchor also tries.
 SPARE_LENGTHS = 2
