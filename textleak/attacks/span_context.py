@@ -238,9 +238,10 @@ def assemble_by_context(
     """Sentences proposed around anchors by the context solve and finished by the second layer's search, after any
     ``accepted`` ones; ``confirm`` as in ``assemble``.
 
-    For each anchor not yet in a found sentence, one proposal per sentence end no found sentence has (every end
-    once all are held) and per length among the first ``SPARE_LENGTHS`` of ``spare`` (other candidate lengths,
-    most likely first: the ends come from the pairing, which can rank a spurious [SEP] above a true one). The
+    For each anchor not yet in a found sentence, one proposal per sentence end no found sentence has, per length
+    among the first ``SPARE_LENGTHS`` of ``spare`` (other candidate lengths, most likely first: the ends come from
+    the pairing, which can rank a spurious [SEP] above a true one), and per end a found sentence already has (two
+    sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens). The
     search descends from the two proposals with the lowest residual among ``options_for`` the length (each
     position's narrow favourites plus the proposed token) and keeps a sentence the second layer accepts.
     ``budget`` (seconds) bounds the phase.
@@ -254,8 +255,9 @@ def assemble_by_context(
             continue
         held = {len(f.ids) for f in accepted}
         proposals = []
-        tried = [n for n in ends if n not in held] or list(ends)
+        tried = [n for n in ends if n not in held]
         tried += [n for n in spare or [] if n not in ends and n not in held][:SPARE_LENGTHS]
+        tried += [n for n in ends if n in held]
         for length in tried:
             proposal = solver.propose((token, position), length, first, last)
             if proposal is not None:
