@@ -102,3 +102,28 @@ def test_a_sentence_whose_end_the_pairing_missed_is_found_at_a_spare_length(mini
     found = assemble_by_context(search, solver, anchors, [wrong_end], options_for, 1, first=tok.cls_token_id,
                                 last=tok.sep_token_id, spare=[3, len(target)])
     assert [list(f.ids) for f in found] == [target]
+
+
+def test_two_sentences_of_one_length_are_both_proposed_beside_a_spurious_end(mini):
+    """Ends are distinct lengths, so a length two sentences share is held after the first: the second sentence's
+    anchors must still try it, not only the unheld (here spurious) end."""
+    pair = [SENTENCES[2], SENTENCES[3]]  # 11 tokens each
+    update, truth = simulate_client(mini, pair, task="classification", seed=0, reveal=())
+    assert len(truth.input_ids[0]) == len(truth.input_ids[1])
+    solver, count = _solver(mini, update, truth)
+    tok = mini.tokenizer
+    span2 = span_basis(stacked_gradient(update, qkv_gradient_names(mini.model, 1)))
+    search = SentenceSearch(FirstLayer(mini.model), span2, accept=1e-4, seed=0)
+    special = set(tok.all_special_ids)
+    anchors = [
+        next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1) for ids in truth.input_ids
+    ]
+
+    def options_for(length, accepted):  # the batch's tokens at each position
+        middle = [sorted({ids[p] for ids in truth.input_ids if p < len(ids)} - special) for p in range(1, length - 1)]
+        return [[tok.cls_token_id], *middle, [tok.sep_token_id]]
+
+    length = len(truth.input_ids[0])
+    found = assemble_by_context(search, solver, anchors, [length, length - 3], options_for, 2,
+                                first=tok.cls_token_id, last=tok.sep_token_id)
+    assert sorted(f.ids for f in found) == sorted(map(tuple, truth.input_ids))
