@@ -127,3 +127,36 @@ def test_two_sentences_of_one_length_are_both_proposed_beside_a_spurious_end(min
     found = assemble_by_context(search, solver, anchors, [length, length - 3], options_for, 2,
                                 first=tok.cls_token_id, last=tok.sep_token_id)
     assert sorted(f.ids for f in found) == sorted(map(tuple, truth.input_ids))
+
+
+def test_a_true_token_the_narrow_options_lack_is_drawn_from_the_reserve(mini):
+    """The proposal and the narrow options both miss one true token; the search widens to it from the reserve."""
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    tok = mini.tokenizer
+    target = list(truth.input_ids[0])
+    count = Counter(t for ids in truth.input_ids for t in ids)
+    once = [p for p in range(1, len(target) - 1) if count[target[p]] == 1]
+    anchors, lacking = [(target[p], p) for p in once[:2]], once[-1]
+    special = set(tok.all_special_ids)
+
+    def reserve_for(length, accepted):  # the batch's tokens at each position
+        middle = [sorted({ids[p] for ids in truth.input_ids if p < len(ids)} - special) for p in range(1, length - 1)]
+        return [[tok.cls_token_id], *middle, [tok.sep_token_id]]
+
+    def options_for(length, accepted):  # the same, less the true token at one position
+        options = reserve_for(length, accepted)
+        options[lacking] = [t for t in options[lacking] if t != target[lacking]] or [tok.unk_token_id]
+        return options
+
+    solve_options = options_for(update.metadata.seq_len, [])
+    anywhere = [t for t, c in count.items() if c > 1 and t not in special]
+    solver = context_solver(mini.model, update, embedding_parts(mini.model), solve_options, 0, anywhere)
+    span2 = span_basis(stacked_gradient(update, qkv_gradient_names(mini.model, 1)))
+    search = SentenceSearch(FirstLayer(mini.model), span2, accept=1e-4, seed=0)
+
+    def run(reserve):
+        return assemble_by_context(search, solver, anchors, [len(target)], options_for, 1, first=tok.cls_token_id,
+                                   last=tok.sep_token_id, reserve_for=reserve)
+
+    assert run(None) == []
+    assert [list(f.ids) for f in run(reserve_for)] == [target]

@@ -278,6 +278,7 @@ class SpanAttack:
                     contextual = assemble_by_context(
                         search, solver, anchors, ends, partial(_narrowed, options_for, paired_count),
                         meta.batch_size, first=cls, last=sep, spare=lengths, budget=budget, confirm=confirm,
+                        reserve_for=options_for,
                     )
                 timings["context"] = time.perf_counter() - clock_phase
             clock_phase = time.perf_counter()

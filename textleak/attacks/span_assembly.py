@@ -184,6 +184,8 @@ class SentenceSearch:
 
         One wrong token lifts every row's residual (attention mixes the sentence) but its own row the most, so
         the worst rows point at the wrong positions; jointly re-choosing them escapes what one-token moves cannot.
+        The descent from the best combination is kept only if it ends with a lower score than ``found``: it follows
+        the mean log residual and can end in another sentence's basin, which ``widen`` cannot then bring back.
         """
         if found.score <= self.accept:
             return found
@@ -202,7 +204,7 @@ class SentenceSearch:
         k = int(worst.argmin())
         if float(worst[k]) >= found.score:
             return found
-        return self.descend(variants[k].tolist(), options, avoid)
+        return min(found, self.descend(variants[k].tolist(), options, avoid), key=lambda f: f.score)
 
     def descend(self, start: list[int], options: list[list[int]], avoid: set[tuple[int, ...]]) -> Found:
         """Coordinate descent from ``start``: at each position with options, keep the best-scoring token.
