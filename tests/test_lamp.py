@@ -5,9 +5,9 @@ import torch
 from conftest import SENTENCE
 
 from textleak.attacks import get_attack
-from textleak.attacks.constraints import build_candidates, embedding_row_tokens
+from textleak.attacks.constraints import Candidates, build_candidates, embedding_row_tokens
 from textleak.attacks.decode import allowed_tokens
-from textleak.attacks.lamp import refine_tokens
+from textleak.attacks.lamp import _Mixture, refine_tokens
 from textleak.attacks.span_pairing import pair_tokens
 from textleak.client import simulate_client
 from textleak.defenses.client import defended_client
@@ -150,3 +150,20 @@ def test_lamp_options_are_checked():
         get_attack("lamp", restarts=2)
     with pytest.raises(ValueError, match="distance must be one of"):
         get_attack("lamp", distance="l3")
+
+
+def test_coverage_counts_a_required_token_no_position_offers_as_missing(tiny_classifier, sent):
+    """A side channel can require a token that no position's candidate set holds (BERT-base, SST-2, B=8 crashed on
+    it): the coverage term counts it as wholly missing instead of indexing past the candidates."""
+    update, truth = sent
+    attack = get_attack("lamp", constraints="none")
+    problem, _, _ = attack.setup(update, tiny_classifier)
+    offered = sorted(set(truth.input_ids[0]))
+    vocabulary = problem.table.shape[0]
+    allowed = torch.zeros(*problem.layout.free.shape, vocabulary, dtype=torch.bool)
+    allowed[..., offered] = True
+    required = [*offered, vocabulary - 1]  # the last token is offered nowhere
+    mixture = _Mixture(problem, Candidates(allowed, required=required), attack.config)
+    leaf = mixture.init(torch.Generator().manual_seed(0), 1.0)
+    value = float(mixture.regulariser([leaf]))
+    assert value >= attack.config.coverage_weight / len(required)

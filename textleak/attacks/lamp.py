@@ -611,7 +611,9 @@ class _Mixture:
         if len(self.required) == 0 or self.config.coverage_weight == 0:
             return torch.zeros(())
         weights = self.weights(leaves[0]) * self.problem.layout.free[..., None]
-        counts = torch.zeros(int(self.ids.max()) + 1).scatter_add(0, self.ids.flatten(), weights.flatten())
+        # a required token may be no position's candidate (the side channels disagree): it counts as missing
+        size = max(int(self.ids.max()), int(self.required.max())) + 1
+        counts = torch.zeros(size).scatter_add(0, self.ids.flatten(), weights.flatten())
         missing = (1 - counts[self.required]).clamp_min(0).sum() / len(self.required)
         return self.config.coverage_weight * missing
 
