@@ -113,8 +113,8 @@ class ContextSolver:
     ) -> tuple[float, list[int]] | None:
         """(residual, sentence) of the sentence of ``length`` tokens around ``anchor`` (token, position) that opens
         with token ``first`` and ends with ``last`` ([CLS], [SEP]), or None when the anchor or a position has no
-        candidate or the first solve would be far underdetermined (``UNDERDETERMINED``). The residual is the final
-        solve's, per anchor: near zero when a consistent sentence was found."""
+        candidate or the first solve would be far underdetermined (``UNDERDETERMINED``). The residual is per anchor,
+        of the answer's solve (see ``refine``): near zero when a consistent sentence was found."""
         start = self.first_solve(anchor, length, first, last)
         return None if start is None else self.refine(start)
 
@@ -275,15 +275,14 @@ def assemble_by_context(
     """Sentences proposed around anchors by the context solve and finished by the second layer's search, after any
     ``accepted`` ones; ``confirm`` as in ``assemble``.
 
-    For each anchor not yet in a found sentence, one proposal per sentence end no found sentence has, per length
+    For each anchor not yet in a found sentence, a first solve per sentence end no found sentence has, per length
     among the first ``SPARE_LENGTHS`` of ``spare`` (other candidate lengths, most likely first: the ends come from
     the pairing, which can rank a spurious [SEP] above a true one), and per end a found sentence already has (two
-    sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens). The
-    ``PROPOSALS_TRIED`` first solves with the lowest residual are refined, and the second layer's search descends
-    from each refined proposal, lowest residual first, among ``options_for`` the length (each
-    position's narrow favourites plus the proposed token) and keeps a sentence the second layer accepts; near a
-    sentence it widens to the tokens of ``reserve_for`` the length (each position's full candidate list) that those
-    options lack. ``budget`` (seconds) bounds the phase.
+    sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens). The ``PROPOSALS_TRIED`` first solves
+    with the lowest residual are refined, and the second layer's search descends from each refined proposal, lowest
+    residual first, among ``options_for`` the length (each position's narrow favourites plus the proposed token),
+    widening near a sentence to the tokens of ``reserve_for`` the length (each position's full candidate list) that
+    those options lack; it keeps a sentence the second layer accepts. ``budget`` (seconds) bounds the phase.
     """
     accepted = list(accepted or [])
     deadline = math.inf if budget is None else time.perf_counter() + budget
