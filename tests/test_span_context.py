@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
 from textleak.attacks.span import SpanAttack
 from textleak.attacks.span_assembly import FirstLayer, SentenceSearch
-from textleak.attacks.span_context import assemble_by_context, context_solver
+from textleak.attacks.span_context import REFINED_WORSE, assemble_by_context, context_solver
 from textleak.attacks.span_scoring import embedding_parts, qkv_gradient_names, span_basis, stacked_gradient
 from textleak.client import simulate_client
 from textleak.models import load_model
@@ -160,3 +162,18 @@ def test_a_true_token_the_narrow_options_lack_is_drawn_from_the_reserve(mini):
 
     assert run(None) == []
     assert [list(f.ids) for f in run(reserve_for)] == [target]
+
+
+def test_a_refinement_that_inflates_the_residual_gives_way_to_the_first_solve(mini):
+    update, truth = simulate_client(mini, SENTENCES, task="classification", seed=0, reveal=())
+    solver, count = _solver(mini, update, truth)
+    tok = mini.tokenizer
+    ids = list(truth.input_ids[2])
+    anchor = next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1)
+    start = solver.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
+    residual, sentence = solver.refine(start)
+    assert residual <= REFINED_WORSE * start.residual and sentence == ids  # a good refinement is kept
+    # the same first solve claiming a far tighter fit: the refinement's residual now exceeds it over 3x
+    tight = replace(start, residual=residual / (10 * REFINED_WORSE))
+    assert solver.refine(tight)[0] == tight.residual  # the first solve's own answer comes back
+    assert solver.refine(replace(start, residual=math.inf))[0] == residual  # never worse than "no fit at all"
