@@ -155,10 +155,11 @@ class ContextSolver:
         begin = torch.zeros(len(self.occurrences), dtype=torch.float64)
         begin[live] = m
         anchors = [start.anchor, *(int(live[j]) for j in sure)]
-        m, residual = self._solve(anchors, wide, self.position[wide], length, begin[wide], MORE_STEPS)
+        at = self.position[wide]
+        m, residual = self._solve(anchors, wide, at, length, begin[wide], MORE_STEPS)
         if residual > REFINED_WORSE * start.residual:
             return first
-        return residual, _rounded(m, self.position[wide], wide, length, self.occurrences)
+        return residual, _rounded(m, at, wide, length, self.occurrences)
 
     def _solve(
         self, anchors: list[int], live: torch.Tensor, at: torch.Tensor, length: int, m: torch.Tensor, steps: int
