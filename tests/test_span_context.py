@@ -6,11 +6,20 @@ import math
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 
 from textleak.attacks.span import SpanAttack
-from textleak.attacks.span_assembly import FirstLayer, SentenceSearch
-from textleak.attacks.span_context import REFINED_WORSE, assemble_by_context, context_solver
+from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch
+from textleak.attacks.span_context import (
+    FIRST_STEPS,
+    REFINED_WORSE,
+    Simplices,
+    assemble_by_context,
+    context_solver,
+    solve_on_simplices,
+)
 from textleak.attacks.span_scoring import embedding_parts, qkv_gradient_names, span_basis, stacked_gradient
 from textleak.client import simulate_client
 from textleak.models import load_model
@@ -178,3 +187,82 @@ def test_a_refinement_that_inflates_the_residual_gives_way_to_the_first_solve(mi
     assert solver.refine(tight)[0] == tight.residual  # the first solve's own answer comes back
     loose = replace(start, residual=math.inf)  # no fit at all: the refinement is kept
     assert solver.refine(loose)[0] == pytest.approx(residual, rel=1e-6)
+
+
+def test_the_projection_onto_each_positions_simplex_matches_a_slow_reference():
+    gen = np.random.default_rng(0)
+    at = gen.integers(0, 6, 40)
+    at[:6] = np.arange(6)  # every position holds a candidate
+    v = gen.standard_normal(40) * 2
+    out = Simplices(at, 6).project(v)
+    for position in range(6):
+        group = v[at == position]
+        low, high = group.min() - 1, group.max()
+        for _ in range(200):  # bisection on the shift that makes the clipped weights sum to one
+            mid = (low + high) / 2
+            low, high = (mid, high) if np.maximum(group - mid, 0).sum() > 1 else (low, mid)
+        np.testing.assert_allclose(out[at == position], np.maximum(group - low, 0), atol=1e-9)
+    assert out.min() >= 0 and np.allclose(np.bincount(at, weights=out), 1.0)
+
+
+def test_the_membership_solve_lands_exactly_on_a_planted_sentence_from_fewer_equations_than_unknowns():
+    """12 positions x 8 candidates (84 free unknowns) against 60 equations that the planted 0/1 sentence solves:
+    equality-constrained least squares has a whole space of exact solutions; the non-negative solve (with its
+    rounding) returns exactly the sentence."""
+    gen = np.random.default_rng(0)
+    length, per, equations = 12, 8, 60
+    at = np.repeat(np.arange(length), per)
+    truth = np.zeros(length * per)
+    truth[np.arange(length) * per + gen.integers(0, per, length)] = 1.0
+    basis = np.linalg.qr(np.column_stack([truth, gen.standard_normal((len(at), len(at) - 1))]))[0]
+    design = basis[:, 1 : 1 + equations].T  # orthonormal rows, all orthogonal to the planted membership
+    simplices = Simplices(at, length)
+    found = simplices.project(np.full(len(at), 1.0 / per))
+    for _ in range(FIRST_STEPS):  # as the solve's alternation calls it
+        found = solve_on_simplices(design.T @ design, found, simplices)
+    assert np.array_equal(found, truth)
+    sums = np.eye(length)[at]
+    system = np.block([[design.T @ design, sums], [sums.T, np.zeros((length, length))]])
+    plain = np.linalg.lstsq(system, np.concatenate([np.zeros(len(at)), np.ones(length)]), rcond=None)[0][: len(at)]
+    assert np.abs(design @ plain).max() < 1e-8 and np.abs(plain - truth).max() > 0.1
+
+
+def test_a_sentence_among_many_distractors_per_position_is_still_proposed(mini):
+    """45 extra vocabulary tokens at every position: more free unknowns than the span's equations (the old solve
+    skipped such anchors), yet the sentence comes back exactly."""
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    tok = mini.tokenizer
+    count = Counter(t for ids in truth.input_ids for t in ids)
+    gen = np.random.default_rng(1)
+    options = []
+    for p in range(update.metadata.seq_len):
+        here = {ids[p] for ids in truth.input_ids if p < len(ids)}
+        extra = {int(t) for t in gen.integers(2000, 20000, 45)} if p else set()
+        options.append(sorted(here | extra | ({tok.sep_token_id} if p else {tok.cls_token_id})))
+    anywhere = [t for t, c in count.items() if c > 1 and t not in tok.all_special_ids]
+    solver = context_solver(mini.model, update, embedding_parts(mini.model), options, 0, anywhere)
+    ids = list(truth.input_ids[0])
+    anchor = next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1)
+    start = solver.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
+    assert (len(start.live) - len(ids)) > 1.25 * solver.off.shape[2]  # beyond the old limit
+    assert solver.refine(start)[1] == ids
+
+
+def test_two_exchanged_tokens_are_swapped_back(mini):
+    """A proposal with two tokens exchanged, one of which the narrow options lack where it belongs: one-token moves
+    cannot undo it (each half leaves a token twice), the pairwise exchange does."""
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    span2 = span_basis(stacked_gradient(update, qkv_gradient_names(mini.model, 1)))
+    search = SentenceSearch(FirstLayer(mini.model), span2, accept=1e-4, seed=0)
+    target = list(truth.input_ids[1])
+    p, q = 2, len(target) - 3
+    assert target[p] != target[q]
+    exchanged = list(target)
+    exchanged[p], exchanged[q] = target[q], target[p]
+    options = [[t] for t in target]
+    for position in range(1, len(target) - 1):
+        options[position] = sorted({ids[position] for ids in truth.input_ids if position < len(ids)} | {target[q]})
+    options[p] = [t for t in options[p] if t != target[p]] + [target[q]]  # the true token is missing at p
+    start = Found(tuple(exchanged), float(search.score(torch.tensor([exchanged]))[1][0]))
+    assert search.descend(exchanged, [list(o) for o in options], set()).ids != tuple(target)
+    assert search.swap(start, [list(o) for o in options], set()).ids == tuple(target)

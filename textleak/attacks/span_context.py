@@ -9,9 +9,11 @@ rows lie in that span to about 1e-6; one wrong token lifts them to 1e-2 or more 
 For an anchor a (a token known to sit at a position: one that occurs once in the batch), write its sentence as a 0/1
 membership vector m over the candidate (token, position) occurrences, one per position. With the per-head softmax
 normalisers c_h = 1 / sum_b m_b exp(s_ab) held fixed, ``P_perp ctx_a = sum_h c_h sum_b m_b exp(s_ab) P_perp v_b`` is
-linear in m, so alternating between the normalisers and an equality-constrained least-squares solve for m (one unit
-of weight per position) finds the sentence as a whole, where a token-by-token descent on this test stalls (a wrong
-token disturbs every row a little, not its own row the most, as the second layer's residual connection makes it).
+linear in m, so alternating between the normalisers and a least-squares solve for m over each position's simplex
+(non-negative weights summing to one) finds the sentence as a whole, where a token-by-token descent on this test
+stalls (a wrong token disturbs every row a little, not its own row the most, as the second layer's residual
+connection makes it). Non-negativity matters: the true membership is the sparse vertex, and an equality-constrained
+solve without it has many exact solutions once positions hold more candidates than one anchor gives equations.
 The positions the solve is surest of then join the anchor, each adding as many equations, and the solve repeats. The
 rounded answer is a start for the second layer's search (span_assembly), which confirms it or repairs a few tokens.
 """
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from textleak.attacks.span_assembly import Found, SentenceSearch
@@ -33,18 +36,23 @@ from textleak.update import Update
 OUTPUT = ("attention.output.dense", "attention.out_lin", "attention.o_proj", "attention.out_proj")
 #: The context span's spectral gap below which it is too blurred (noise, pruning) to solve against.
 MIN_GAP = 10.0
-#: Alternating least-squares steps of the first solve (anchor alone) and of each solve with more anchors.
+#: Alternating steps (normalisers, then membership) of the first solve (anchor alone) and of a solve with more
+#: anchors.
 FIRST_STEPS, MORE_STEPS = 20, 10
+#: Accelerated projected-gradient steps per membership solve (``solve_on_simplices``), its stopping tolerance on the
+#: largest weight change, and the power iterations that estimate its step size.
+INNER_STEPS, INNER_TOL, POWER_STEPS = 300, 1e-4, 15
+#: Rounding to each position's favourite is kept when it fits as well as the weights, up to this (relative) slack.
+ROUNDING_SLACK = 1e-9
 #: Positions the first solve is surest of that join the anchor (each adds the span's complement as equations).
 EXTRA_ANCHORS = 4
 #: A position whose favourite weighs less than this after the first solve also tries the tokens allowed anywhere.
 SURE = 0.9
 #: A first solve with more than this many times as many free unknowns (candidates less positions) as equations
-#: (the span's complement) is not tried: it has many exact solutions. SST-2 B=4 batch 2's 40-token sentences (about
-#: 7 candidates per position, 256 equations) sit near 1x and are solved; allowing up to 2x cost SST-2/RT B=8 13-18
-#: ROUGE-1 points of search time on MiniLM, whose batches of 8 long sentences leave far fewer equations (384 less
-#: the batch's tokens, about 250 by estimate).
-UNDERDETERMINED = 1.25
+#: (the span's complement) is not tried. With non-negative weights a solve up to about 2.7x still lands near the
+#: sentence (MiniLM RT B=8 batch 0, first anchors: 0-2 wrong tokens of 10-29 at 0.65-2.0x, 6-16 of 37-52 at
+#: 2.4-2.7x, where the plain least squares of earlier versions had 14-35 wrong from 1.6x on).
+UNDERDETERMINED = 3.0
 #: Candidate lengths beyond the sentence ends that each anchor also tries.
 SPARE_LENGTHS = 2
 #: A refinement whose residual exceeds the first solve's by more than this factor was derailed by a wrong "sure"
@@ -54,6 +62,10 @@ SPARE_LENGTHS = 2
 REFINED_WORSE = 3.0
 #: First solves per anchor (lowest residual first) that are refined and finished by the second layer's search.
 PROPOSALS_TRIED = 2
+#: Alternating steps of the quick solves that rank the other candidate lengths when the ends' proposals all fail
+#: (MiniLM RT B=8 batch 0, first anchor of each sentence: the pairing's 8 ends held 2 of the 8 true lengths; over all
+#: 33-37 candidate lengths, 5-step solves ranked the true one first for 5 anchors, 20-step solves for 7).
+SCREEN_STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,9 @@ class ContextSolver:
         start = self.first_solve(anchor, length, first, last)
         return None if start is None else self.refine(start)
 
-    def first_solve(self, anchor: tuple[int, int], length: int, first: int, last: int) -> FirstSolve | None:
+    def first_solve(
+        self, anchor: tuple[int, int], length: int, first: int, last: int, steps: int = FIRST_STEPS
+    ) -> FirstSolve | None:
         """The anchor's solve alone over the narrow candidates (None as in ``propose``). Its residual already
         tells lengths apart (random BERT-base, SST-2 B=4: at most 0.33 at the true lengths, at least 0.44 at
         lengths one or two off), at a fraction of the refinement's cost."""
@@ -136,7 +150,7 @@ class ContextSolver:
             return None
         if len(live) - length > UNDERDETERMINED * self.off.shape[2]:  # far more unknowns than one anchor's equations
             return None
-        m, residual = self._solve([self.index[anchor]], live, at, length, _uniform(at, length), FIRST_STEPS)
+        m, residual = self._solve([self.index[anchor]], live, at, length, _uniform(at, length), steps)
         return FirstSolve(anchor[1], length, allowed, live, m, residual, self.index[anchor])
 
     def refine(self, start: FirstSolve) -> tuple[float, list[int]]:
@@ -164,31 +178,87 @@ class ContextSolver:
     def _solve(
         self, anchors: list[int], live: torch.Tensor, at: torch.Tensor, length: int, m: torch.Tensor, steps: int
     ) -> tuple[torch.Tensor, float]:
-        """Alternate the per-head normalisers and the constrained least-squares membership, from ``m``."""
+        """Alternate the per-head normalisers and the membership, from ``m``: least squares over each position's
+        weights on its simplex (non-negative, summing to one; see ``solve_on_simplices``)."""
         n = len(live)
         terms = []  # per anchor: (heads, n) attention weights and (heads, r * n) weighted off-span values
         for a in anchors:
             scores = torch.einsum("hd,nhd->hn", self.queries[a], self.keys[live])
             weights = torch.exp(scores - scores.max(-1, keepdim=True).values)
             weighted = self.off[:, live] * weights[..., None]  # (heads, n, r)
-            terms.append((weights, weighted.transpose(1, 2).reshape(len(weights), -1)))  # (heads, r * n)
-        one_per_position = torch.zeros(length, n, dtype=torch.float64)
-        one_per_position[at, torch.arange(n)] = 1
-        system = torch.zeros(n + length, n + length, dtype=torch.float64)
-        system[:n, n:], system[n:, :n] = one_per_position.T, one_per_position
-        rhs = torch.cat([torch.zeros(n, dtype=torch.float64), torch.ones(length, dtype=torch.float64)])[:, None]
+            terms.append((weights.numpy(), weighted.transpose(1, 2).reshape(len(weights), -1).numpy()))
+        simplices = Simplices(at.numpy(), length)
+        x = simplices.project(m.numpy())
         residual = math.inf
         for _ in range(steps):
             rows = []
             for weights, weighted in terms:
-                normalisers = 1.0 / (weights @ m).clamp_min(1e-30)
-                block = (normalisers @ weighted).view(-1, n)
-                rows.append(block / block.norm(dim=0).mean().clamp_min(1e-300))
-            design = torch.cat(rows)
-            residual = float((design @ m).norm()) / math.sqrt(len(rows))
-            system[:n, :n] = design.T @ design
-            m = torch.linalg.lstsq(system, rhs).solution[:n, 0]
-        return m, residual
+                normalisers = 1.0 / np.maximum(weights @ x, 1e-30)
+                block = (normalisers @ weighted).reshape(-1, n)
+                rows.append(block / max(float(np.linalg.norm(block, axis=0).mean()), 1e-300))
+            design = np.concatenate(rows)
+            residual = float(np.linalg.norm(design @ x)) / math.sqrt(len(rows))
+            x = solve_on_simplices(design.T @ design, x, simplices)
+        return torch.from_numpy(x), residual
+
+
+class Simplices:
+    """Each position's occurrences as one row of a padded (positions, most candidates) table, and the Euclidean
+    projection onto the product of their probability simplices (sort-based, all positions at once)."""
+
+    def __init__(self, at: np.ndarray, length: int) -> None:
+        counts = np.bincount(at, minlength=length)
+        order = np.argsort(at, kind="stable")
+        slot = np.arange(len(at)) - (np.cumsum(counts) - counts)[at[order]]
+        self.index = np.zeros((length, int(counts.max())), dtype=np.int64)
+        self.valid = np.zeros(self.index.shape, dtype=bool)
+        self.index[at[order], slot], self.valid[at[order], slot] = order, True
+        self.rank = np.arange(1, self.index.shape[1] + 1, dtype=np.float64)
+
+    def project(self, v: np.ndarray) -> np.ndarray:
+        table = np.where(self.valid, v[self.index], -np.inf)
+        ordered = -np.sort(-table, axis=1)
+        sums = np.cumsum(np.where(np.isfinite(ordered), ordered, 0.0), axis=1) - 1.0
+        kept = np.maximum((ordered - sums / self.rank > 0).sum(axis=1), 1)
+        shift = sums[np.arange(len(kept)), kept - 1] / kept
+        out = np.empty_like(v)
+        out[self.index[self.valid]] = np.maximum(table - shift[:, None], 0.0)[self.valid]
+        return out
+
+
+def solve_on_simplices(gram: np.ndarray, x: np.ndarray, simplices: Simplices) -> np.ndarray:
+    """Minimise ``x^T gram x`` over the product of simplices by accelerated projected gradient (FISTA), from ``x``.
+
+    Non-negativity is what makes a long sentence's solve determined: with 9-12 candidates per position a plain
+    equality-constrained least squares has many exact solutions (MiniLM RT B=4 batch 14: 12-24 wrong tokens of
+    46-50), while the one true 0/1 membership is the sparse non-negative one (0-3 wrong at the same anchors)."""
+    vector = np.ones(len(x))
+    for _ in range(POWER_STEPS):  # the largest eigenvalue: the step size
+        product = gram @ vector
+        largest = float(np.linalg.norm(product))
+        vector = product / max(largest, 1e-300)
+    step = 1.0 / (2.0 * 1.05 * max(largest, 1e-300))
+    previous, y, t = x, x, 1.0
+    for _ in range(INNER_STEPS):
+        current = simplices.project(y - step * 2.0 * (gram @ y))
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        y = current + ((t - 1.0) / t_next) * (current - previous)
+        moved = float(np.abs(current - previous).max())
+        previous, t = current, t_next
+        if moved < INNER_TOL:
+            break
+    return _polished(gram, previous, simplices)
+
+
+def _polished(gram: np.ndarray, x: np.ndarray, simplices: Simplices) -> np.ndarray:
+    """Each position's favourite alone (a 0/1 membership) when that fits at least as well as ``x``: projected
+    gradient creeps towards a true sentence's zero residual, leaving small weights on other candidates; rounding
+    lands on it."""
+    table = np.where(simplices.valid, x[simplices.index], -np.inf)
+    rounded = np.zeros_like(x)
+    rounded[simplices.index[np.arange(len(table)), table.argmax(axis=1)]] = 1.0
+    slack = ROUNDING_SLACK * float(np.trace(gram)) / len(x)  # float noise of a converged mixture's own fit
+    return rounded if rounded @ gram @ rounded <= x @ gram @ x + slack else x
 
 
 def context_solver(
@@ -283,32 +353,53 @@ def assemble_by_context(
     with the lowest residual are refined, and the second layer's search descends from each refined proposal, lowest
     residual first, among ``options_for`` the length (each position's narrow favourites plus the proposed token),
     widening near a sentence to the tokens of ``reserve_for`` the length (each position's full candidate list) that
-    those options lack; it keeps a sentence the second layer accepts. ``budget`` (seconds) bounds the phase.
+    those options lack; it keeps a sentence the second layer accepts. When none is accepted, quick solves
+    (``SCREEN_STEPS``) rank every other length of ``spare``, and the best ``PROPOSALS_TRIED`` are solved, refined
+    and searched the same way. ``budget`` (seconds) bounds the phase.
     """
     accepted = list(accepted or [])
     deadline = math.inf if budget is None else time.perf_counter() + budget
-    for token, position in anchors:
-        if len(accepted) >= batch_size or search.expired or time.perf_counter() > deadline:
-            break
-        if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
-            continue
-        held = {len(f.ids) for f in accepted}
+
+    def over() -> bool:
+        return search.expired or time.perf_counter() > deadline
+
+    def finish(starts: list[FirstSolve]) -> Found | None:
+        """Refine the best first solves and search from each refined proposal; the first sentence accepted."""
         proposals = []
-        tried = [n for n in ends if n not in held]
-        tried += [n for n in spare or [] if n not in ends and n not in held][:SPARE_LENGTHS]
-        tried += [n for n in ends if n in held]
-        starts = [f for f in (solver.first_solve((token, position), n, first, last) for n in tried) if f is not None]
         for start in sorted(starts, key=lambda f: f.residual)[:PROPOSALS_TRIED]:
             residual, sentence = solver.refine(start)
             proposals.append((residual, start.length, sentence))
         for _, length, sentence in sorted(proposals):
-            if search.expired or time.perf_counter() > deadline:
+            if over():
                 break
             narrow = options_for(length, accepted)
             options = [list(dict.fromkeys([t, *tokens])) for t, tokens in zip(sentence, narrow, strict=True)]
             reserve = None if reserve_for is None else reserve_for(length, accepted)
             found = search.search(sentence, options, avoid={f.ids for f in accepted}, restarts=0, reserve=reserve)
             if found.score <= search.accept and (confirm is None or confirm(found)):
-                accepted.append(found)
-                break
+                return found
+        return None
+
+    for token, position in anchors:
+        if len(accepted) >= batch_size or over():
+            break
+        if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
+            continue
+        anchor = (token, position)
+        held = {len(f.ids) for f in accepted}
+        tried = [n for n in ends if n not in held]
+        tried += [n for n in spare or [] if n not in ends and n not in held][:SPARE_LENGTHS]
+        tried += [n for n in ends if n in held]
+        found = finish([f for f in (solver.first_solve(anchor, n, first, last) for n in tried) if f is not None])
+        if found is None:  # the ends missed this anchor's length (common at B=8): screen every other candidate
+            screens: list[FirstSolve] = []
+            for n in [n for n in spare or [] if n not in tried]:
+                if over():
+                    break
+                screen = solver.first_solve(anchor, n, first, last, steps=SCREEN_STEPS)
+                screens += [] if screen is None else [screen]
+            best = sorted(screens, key=lambda f: f.residual)[:PROPOSALS_TRIED]
+            found = finish([f for f in (solver.first_solve(anchor, b.length, first, last) for b in best) if f])
+        if found is not None:
+            accepted.append(found)
     return accepted
