@@ -15,6 +15,7 @@ from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch
 from textleak.attacks.span_context import (
     FIRST_STEPS,
     REFINED_WORSE,
+    SPARE_LENGTHS,
     Simplices,
     assemble_by_context,
     context_solver,
@@ -112,6 +113,29 @@ def test_a_sentence_whose_end_the_pairing_missed_is_found_at_a_spare_length(mini
     assert missed == []
     found = assemble_by_context(search, solver, anchors, [wrong_end], options_for, 1, first=tok.cls_token_id,
                                 last=tok.sep_token_id, spare=[3, len(target)])
+    assert [list(f.ids) for f in found] == [target]
+
+
+def test_a_length_beyond_the_spare_ones_is_found_by_screening_every_candidate_length(mini):
+    """The pairing's end and the first spare lengths are all wrong (as at B=8, where the ends hold few true
+    lengths): quick solves over every other candidate length rank the true one and its proposal is found."""
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    solver, count = _solver(mini, update, truth)
+    tok = mini.tokenizer
+    span2 = span_basis(stacked_gradient(update, qkv_gradient_names(mini.model, 1)))
+    search = SentenceSearch(FirstLayer(mini.model), span2, accept=1e-4, seed=0)
+    target = list(truth.input_ids[0])
+    anchors = [(t, p) for p, t in enumerate(target) if count[t] == 1 and 0 < p < len(target) - 1][:1]
+    special = set(tok.all_special_ids)
+
+    def options_for(length, accepted):  # the batch's tokens at each position
+        middle = [sorted({ids[p] for ids in truth.input_ids if p < len(ids)} - special) for p in range(1, length - 1)]
+        return [[tok.cls_token_id], *middle, [tok.sep_token_id]]
+
+    others = [n for n in range(5, update.metadata.seq_len + 1) if n not in {len(ids) for ids in truth.input_ids}]
+    spare = [*others[1 : 1 + SPARE_LENGTHS], len(target), *others[1 + SPARE_LENGTHS :]]
+    found = assemble_by_context(search, solver, anchors, others[:1], options_for, 1, first=tok.cls_token_id,
+                                last=tok.sep_token_id, spare=spare)
     assert [list(f.ids) for f in found] == [target]
 
 

@@ -133,9 +133,11 @@ class ContextSolver:
     def first_solve(
         self, anchor: tuple[int, int], length: int, first: int, last: int, steps: int = FIRST_STEPS
     ) -> FirstSolve | None:
-        """The anchor's solve alone over the narrow candidates (None as in ``propose``). Its residual already
-        tells lengths apart (random BERT-base, SST-2 B=4: at most 0.33 at the true lengths, at least 0.44 at
-        lengths one or two off), at a fraction of the refinement's cost."""
+        """The anchor's solve alone over the narrow candidates (None as in ``propose``), with ``steps``
+        alternations. Its residual already tells lengths apart, at a fraction of the refinement's cost (random
+        BERT-base, SST-2 B=4, with the plain least squares of earlier versions: at most 0.33 at the true lengths, at
+        least 0.44 one or two off; MiniLM RT B=8 batch 0 with this solve: true lengths ranked first for 7 of 8
+        anchors among 33-37 candidate lengths)."""
         if anchor not in self.index or not 0 < anchor[1] < length - 1:
             return None
         # [CLS] exactly at position 0 and [SEP] exactly at the last
@@ -216,6 +218,7 @@ class Simplices:
         self.rank = np.arange(1, self.index.shape[1] + 1, dtype=np.float64)
 
     def project(self, v: np.ndarray) -> np.ndarray:
+        """The nearest point to ``v`` with each position's weights non-negative and summing to one."""
         table = np.where(self.valid, v[self.index], -np.inf)
         ordered = -np.sort(-table, axis=1)
         sums = np.cumsum(np.where(np.isfinite(ordered), ordered, 0.0), axis=1) - 1.0
