@@ -56,6 +56,23 @@ def _solver(target, update, truth, distractors: int = 3):
     return context_solver(target.model, update, embedding_parts(target.model), options, 0, anywhere), count
 
 
+def _second_layer_search(target, update) -> SentenceSearch:
+    """The sentence search against the update's second-layer span."""
+    span2 = span_basis(stacked_gradient(update, qkv_gradient_names(target.model, 1)))
+    return SentenceSearch(FirstLayer(target.model), span2, accept=1e-4, seed=0)
+
+
+def _batch_tokens(truth, tok):
+    """``options_for`` allowing at each position the batch's tokens there."""
+    special = set(tok.all_special_ids)
+
+    def options_for(length, accepted):
+        middle = [sorted({ids[p] for ids in truth.input_ids if p < len(ids)} - special) for p in range(1, length - 1)]
+        return [[tok.cls_token_id], *middle, [tok.sep_token_id]]
+
+    return options_for
+
+
 def test_a_once_seen_token_gets_its_own_sentence_proposed(mini):
     update, truth = simulate_client(mini, SENTENCES, task="classification", seed=0, reveal=())
     solver, count = _solver(mini, update, truth)
@@ -97,16 +114,9 @@ def test_a_sentence_whose_end_the_pairing_missed_is_found_at_a_spare_length(mini
     update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
     solver, count = _solver(mini, update, truth)
     tok = mini.tokenizer
-    span2 = span_basis(stacked_gradient(update, qkv_gradient_names(mini.model, 1)))
-    search = SentenceSearch(FirstLayer(mini.model), span2, accept=1e-4, seed=0)
+    search, options_for = _second_layer_search(mini, update), _batch_tokens(truth, tok)
     target = list(truth.input_ids[0])
     anchors = [(t, p) for p, t in enumerate(target) if count[t] == 1 and 0 < p < len(target) - 1][:2]
-    special = set(tok.all_special_ids)
-
-    def options_for(length, accepted):  # the batch's tokens at each position
-        middle = [sorted({ids[p] for ids in truth.input_ids if p < len(ids)} - special) for p in range(1, length - 1)]
-        return [[tok.cls_token_id], *middle, [tok.sep_token_id]]
-
     wrong_end = next(n for n in range(len(target) - 1, 3, -1) if n not in {len(ids) for ids in truth.input_ids})
     missed = assemble_by_context(search, solver, anchors, [wrong_end], options_for, 1, first=tok.cls_token_id,
                                  last=tok.sep_token_id)
@@ -122,20 +132,13 @@ def test_a_length_beyond_the_spare_ones_is_found_by_screening_every_candidate_le
     update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
     solver, count = _solver(mini, update, truth)
     tok = mini.tokenizer
-    span2 = span_basis(stacked_gradient(update, qkv_gradient_names(mini.model, 1)))
-    search = SentenceSearch(FirstLayer(mini.model), span2, accept=1e-4, seed=0)
     target = list(truth.input_ids[0])
     anchors = [(t, p) for p, t in enumerate(target) if count[t] == 1 and 0 < p < len(target) - 1][:1]
-    special = set(tok.all_special_ids)
-
-    def options_for(length, accepted):  # the batch's tokens at each position
-        middle = [sorted({ids[p] for ids in truth.input_ids if p < len(ids)} - special) for p in range(1, length - 1)]
-        return [[tok.cls_token_id], *middle, [tok.sep_token_id]]
-
     others = [n for n in range(5, update.metadata.seq_len + 1) if n not in {len(ids) for ids in truth.input_ids}]
     spare = [*others[1 : 1 + SPARE_LENGTHS], len(target), *others[1 + SPARE_LENGTHS :]]
-    found = assemble_by_context(search, solver, anchors, others[:1], options_for, 1, first=tok.cls_token_id,
-                                last=tok.sep_token_id, spare=spare)
+    found = assemble_by_context(_second_layer_search(mini, update), solver, anchors, others[:1],
+                                _batch_tokens(truth, tok), 1, first=tok.cls_token_id, last=tok.sep_token_id,
+                                spare=spare)
     assert [list(f.ids) for f in found] == [target]
 
 
