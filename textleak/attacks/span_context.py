@@ -51,7 +51,7 @@ SURE = 0.9
 #: A first solve with more than this many times as many free unknowns (candidates less positions) as equations
 #: (the span's complement) is not tried. With non-negative weights a solve up to about 2.7x still lands near the
 #: sentence (MiniLM RT B=8 batch 0, first anchors: 0-2 wrong tokens of 10-29 at 0.65-2.0x, 6-16 of 37-52 at
-#: 2.4-2.7x, where the plain least squares of earlier versions had 14-35 wrong from 1.6x on).
+#: 2.4-2.7x, where the plain least squares of earlier versions had 5-37 wrong from 1.6x on).
 UNDERDETERMINED = 3.0
 #: Candidate lengths beyond the sentence ends that each anchor also tries.
 SPARE_LENGTHS = 2
@@ -64,7 +64,8 @@ REFINED_WORSE = 3.0
 PROPOSALS_TRIED = 2
 #: Alternating steps of the quick solves that rank the other candidate lengths when the ends' proposals all fail
 #: (MiniLM RT B=8 batch 0, first anchor of each sentence: the pairing's 8 ends held 2 of the 8 true lengths; over all
-#: 33-37 candidate lengths, 5-step solves ranked the true one first for 5 anchors, 20-step solves for 7).
+#: 33-37 candidate lengths, 5-step solves of at most 100 inner steps ranked the true one first for 5 anchors,
+#: 20-step solves for 7).
 SCREEN_STEPS = 5
 
 
@@ -233,8 +234,9 @@ def solve_on_simplices(gram: np.ndarray, x: np.ndarray, simplices: Simplices) ->
     """Minimise ``x^T gram x`` over the product of simplices by accelerated projected gradient (FISTA), from ``x``.
 
     Non-negativity is what makes a long sentence's solve determined: with 9-12 candidates per position a plain
-    equality-constrained least squares has many exact solutions (MiniLM RT B=4 batch 14: 12-24 wrong tokens of
-    46-50), while the one true 0/1 membership is the sparse non-negative one (0-3 wrong at the same anchors)."""
+    equality-constrained least squares has many exact solutions (MiniLM RT B=4 batch 14, four anchors in sentences
+    of 46-50 tokens: 12-24 wrong tokens), while the one true 0/1 membership is the sparse non-negative one (0-2
+    wrong at three of those anchors, 17 at the fourth)."""
     vector = np.ones(len(x))
     for _ in range(POWER_STEPS):  # the largest eigenvalue: the step size
         product = gram @ vector
