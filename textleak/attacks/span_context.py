@@ -153,7 +153,8 @@ class ContextSolver:
             return None
         if len(live) - length > UNDERDETERMINED * self.off.shape[2]:  # far more unknowns than one anchor's equations
             return None
-        m, residual = self._solve([self.index[anchor]], live, at, length, _uniform(at, length), steps)
+        start = torch.zeros(len(live), dtype=torch.float64)  # projected onto the simplices: equal weights
+        m, residual = self._solve([self.index[anchor]], live, at, length, start, steps)
         return FirstSolve(anchor[1], length, allowed, live, m, residual, self.index[anchor])
 
     def refine(self, start: FirstSolve) -> tuple[float, list[int]]:
@@ -218,6 +219,11 @@ class Simplices:
         self.index[at[order], slot], self.valid[at[order], slot] = order, True
         self.rank = np.arange(1, self.index.shape[1] + 1, dtype=np.float64)
 
+    def favourites(self, x: np.ndarray) -> np.ndarray:
+        """Per position, the index of its candidate with the largest weight (the first of equal ones)."""
+        table = np.where(self.valid, x[self.index], -np.inf)
+        return self.index[np.arange(len(table)), table.argmax(axis=1)]
+
     def project(self, v: np.ndarray) -> np.ndarray:
         """The nearest point to ``v`` with each position's weights non-negative and summing to one."""
         table = np.where(self.valid, v[self.index], -np.inf)
@@ -259,9 +265,8 @@ def _polished(gram: np.ndarray, x: np.ndarray, simplices: Simplices) -> np.ndarr
     """Each position's favourite alone (a 0/1 membership) when that fits at least as well as ``x``: projected
     gradient creeps towards a true sentence's zero residual, leaving small weights on other candidates; rounding
     lands on it."""
-    table = np.where(simplices.valid, x[simplices.index], -np.inf)
     rounded = np.zeros_like(x)
-    rounded[simplices.index[np.arange(len(table)), table.argmax(axis=1)]] = 1.0
+    rounded[simplices.favourites(x)] = 1.0
     slack = ROUNDING_SLACK * float(np.trace(gram)) / len(x)  # float noise of a converged mixture's own fit
     return rounded if rounded @ gram @ rounded <= x @ gram @ x + slack else x
 
@@ -297,33 +302,18 @@ def context_solver(
     return ContextSolver(parts, complement, options, token_type, anywhere, heads=heads, **projections)
 
 
-def _uniform(at: torch.Tensor, length: int) -> torch.Tensor:
-    """Equal weight over each position's candidates."""
-    counts = torch.bincount(at, minlength=length).to(torch.float64)
-    return 1.0 / counts[at]
-
-
 def _surest(m: torch.Tensor, at: torch.Tensor, length: int, exclude: set[int], count: int) -> list[int]:
     """Indices (into the live occurrences) of the ``count`` positions' favourites with the largest weight."""
-    best: list[tuple[float, int]] = []
-    for p in range(length):
-        if p in exclude:
-            continue
-        where = (at == p).nonzero().flatten()
-        j = int(where[m[where].argmax()])
-        best.append((float(m[j]), j))
-    return [j for weight, j in sorted(best, reverse=True)[:count] if weight > 0.5]
+    favourites = Simplices(at.numpy(), length).favourites(m.numpy())
+    best = sorted(((float(m[j]), int(j)) for p, j in enumerate(favourites) if p not in exclude), reverse=True)
+    return [j for weight, j in best[:count] if weight > 0.5]
 
 
 def _rounded(
     m: torch.Tensor, at: torch.Tensor, live: torch.Tensor, length: int, occurrences: list[tuple[int, int]]
 ) -> list[int]:
     """Each position's candidate with the largest weight."""
-    sentence = []
-    for p in range(length):
-        where = (at == p).nonzero().flatten()
-        sentence.append(occurrences[int(live[where[m[where].argmax()]])][0])
-    return sentence
+    return [occurrences[int(live[j])][0] for j in Simplices(at.numpy(), length).favourites(m.numpy())]
 
 
 def _bias(module: torch.nn.Linear) -> torch.Tensor:
