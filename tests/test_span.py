@@ -216,6 +216,42 @@ def test_small_noise_leaves_a_flat_bulk_that_the_rank_estimate_sees_through():
     assert any("ambiguous" in w for w in result.warnings)
 
 
+def test_gaussian_bulk_gives_the_signal_rank_and_a_true_row_s_residual():
+    """Under i.i.d. noise the spectrum has no 10x fall: the bulk, scaled like a Gaussian matrix's, gives the signal
+    rank and how far a true input row lies off the estimated span (first-order perturbation)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(12, 128, dtype=torch.float64, generator=generator)  # 12 true rows, as a gradient's inputs
+    clean = torch.randn(384, 12, dtype=torch.float64, generator=generator) @ inputs
+    assert span_basis(clean).rank == 12 and span_basis(clean).noise == 0
+    for std in (1.0, 2.0):
+        span = span_basis(clean + std * torch.randn(384, 128, dtype=torch.float64, generator=generator))
+        assert span.rank == 12 and span.gap < 10  # no clear fall
+        assert span.noise == pytest.approx(float(span.residual(inputs).median()), rel=0.2)
+
+
+def test_noised_batch_is_accepted_at_the_noise_s_own_level(models):
+    """Noise lifts a true sentence's second-layer rows well past the clean acceptance (1e-2) but not to a wrong
+    token's: acceptance follows the estimated noise, so the lightly noised batch comes back exactly and confirmed
+    (the clean acceptance confirmed neither sentence and returned unconfirmed attempts after its whole time limit)."""
+    target = load_model("default", head="classification")
+    update, truth = defended_client(
+        target, SENTENCES, task="classification", seed=0, reveal=(), defenses=["noise:sigma=1e-6"]
+    )
+    result = SpanAttack(time_limit=60).reconstruct(update, target)
+    assert sorted(result.token_ids) == sorted(list(ids) for ids in truth.input_ids)
+    assert result.details["estimated_sequences"] == 2
+    assert 1e-2 < result.details["accept"] <= 0.1
+
+
+def test_with_nothing_accepted_distinct_attempts_come_before_repeats():
+    from textleak.attacks.span import _complete
+    from textleak.attacks.span_assembly import Found
+
+    rejected = [Found((101, 7, 102), 0.2), Found((101, 7, 102), 0.3), Found((101, 5, 9, 102), 0.4)]
+    out = _complete([], rejected, 3, [])
+    assert [f.ids for f in out] == [(101, 7, 102), (101, 5, 9, 102), (101, 7, 102)]
+
+
 def test_unfound_lengths_get_their_best_partial_attempt_before_repeats():
     """A failed search at a length no accepted sentence has is a search failure, not a duplicate: its best attempt
     (most tokens placed) beats repeating a found sentence; only then are repeats used."""

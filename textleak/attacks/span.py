@@ -63,6 +63,12 @@ ANCHOR_SHARE = 0.5
 QUICK_SHARE = 0.2
 #: Share of ``time_limit`` for the context proposals, before the quick pass (span_context)
 CONTEXT_SHARE = 0.4
+#: Under additive noise a true sentence's worst second-layer row lies within this multiple of the span's noise level
+#: (its typical row's residual: worst rows 2.3-3.5x that on MiniLM CoLA B=4 under noise 1e-6 and 3e-6), while one
+#: wrong token lifts the worst row to about 0.17 whatever the noise.
+NOISE_ACCEPT = 4.0
+#: The loosest second-layer acceptance: beyond it a true sentence cannot be told from a near miss.
+ACCEPT_MAX = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,13 +125,19 @@ class SpanConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
 
-def auto_threshold(best: torch.Tensor) -> float:
+def auto_threshold(best: torch.Tensor, noise: float = 0.0) -> float:
     """Cut at the widest gap (log scale) of the pooled residuals that lie above every live position's best one.
 
     ``best`` is (positions, keep), ascending per row. A position is live when its best candidate is below
     ``DEAD``: it holds a token that reached the gradient (mlm sentences with nothing masked leave no trace).
-    The cut never goes below the worst live position's best candidate.
+    The cut never goes below the worst live position's best candidate, nor, under additive noise, below
+    ``NOISE_ACCEPT`` times the first layer's ``SpanBasis.noise`` (where true tokens' residuals spread).
     """
+    return max(_widest_gap(best), NOISE_ACCEPT * noise)
+
+
+def _widest_gap(best: torch.Tensor) -> float:
+    """``auto_threshold`` without noise."""
     live = best[best[:, 0] < DEAD]
     if len(live) == 0:
         return float(best[:, 0].min()) / 2
@@ -139,11 +151,12 @@ def auto_threshold(best: torch.Tensor) -> float:
     return float(10 ** ((pooled[k] + pooled[k + 1]) / 2))
 
 
-def auto_accept(best: torch.Tensor) -> float:
-    """Second-layer acceptance: 100x the typical first-layer residual of a true token, within [1e-5, 1e-2]."""
+def auto_accept(best: torch.Tensor, noise: float = 0.0) -> float:
+    """Second-layer acceptance: 100x the typical first-layer residual of a true token, within [1e-5, 1e-2]; under
+    additive noise at least ``NOISE_ACCEPT`` times the second layer's ``SpanBasis.noise``, up to ``ACCEPT_MAX``."""
     live = best[best[:, 0] < DEAD, 0]
     typical = float(live.median()) if len(live) else DEAD
-    return min(1e-2, max(1e-5, 100 * typical))
+    return min(ACCEPT_MAX, max(min(1e-2, max(1e-5, 100 * typical)), NOISE_ACCEPT * noise))
 
 
 class SpanAttack:
@@ -178,7 +191,7 @@ class SpanAttack:
             parts, span1, meta.seq_len, types, keep=_keep(cfg, span1), chunk=cfg.chunk, exclude=exclude
         )
         res, ids = res[:, 0], ids[:, 0]  # single-segment inputs: the first present token type
-        threshold = cfg.threshold if cfg.threshold is not None else auto_threshold(res)
+        threshold = cfg.threshold if cfg.threshold is not None else auto_threshold(res, span1.noise)
         timings["layer1"] = time.perf_counter() - clock
         if progress:
             progress(1, 3)
@@ -226,7 +239,13 @@ class SpanAttack:
                 f"it is probably the model's last layer, whose gradient follows only the [CLS] path; "
                 f"sentences cannot be confirmed"
             )
-        accept = cfg.accept if cfg.accept is not None else auto_accept(res)
+        accept = cfg.accept if cfg.accept is not None else auto_accept(res, span2.noise)
+        if NOISE_ACCEPT * span2.noise > ACCEPT_MAX:
+            warnings.append(
+                f"the update's noise leaves a true sentence's second-layer rows about {span2.noise:.2f} off their span "
+                f"(a wrong token's about 0.17): acceptance is capped at {ACCEPT_MAX}, so true sentences may go "
+                f"unconfirmed and the answer is partly a best guess"
+            )
         search = SentenceSearch(
             FirstLayer(model),
             span2,
@@ -481,14 +500,17 @@ def _complete(accepted: list[Found], rejected: list[Found], batch_size: int, war
 
     First with the best rejected attempt of each sentence length no accepted sentence has (a search that failed
     there still places most tokens), then with repeats of accepted sentences (the span cannot tell duplicates
-    apart). With nothing accepted, the best rejected attempts.
+    apart). With nothing accepted, the best distinct rejected attempts (repeated only when too few).
     """
     if len(accepted) >= batch_size:
         return accepted[:batch_size]
     if not accepted:
         warnings.append("no sentence passed the second-layer check; returning the best partial answers")
-        pool = sorted(rejected, key=lambda f: f.score)
-        return [pool[i % len(pool)] for i in range(batch_size)]
+        pool: dict[tuple[int, ...], Found] = {}
+        for attempt in sorted(rejected, key=lambda f: f.score):  # distinct attempts first, best first
+            pool.setdefault(attempt.ids, attempt)
+        distinct = list(pool.values())
+        return [distinct[i % len(distinct)] for i in range(batch_size)]
     covered = {len(f.ids) for f in accepted}
     best_per_length: dict[int, Found] = {}
     for attempt in sorted(rejected, key=lambda f: f.score):
