@@ -167,3 +167,21 @@ def test_coverage_counts_a_required_token_no_position_offers_as_missing(tiny_cla
     leaf = mixture.init(torch.Generator().manual_seed(0), 1.0)
     value = float(mixture.regulariser([leaf]))
     assert value >= attack.config.coverage_weight / len(required)
+
+
+def test_noised_rows_are_required_and_the_position_guess_outlives_noisy_span_sets():
+    """Under noise 1e-4 (MiniLM) the word-embedding rows of the sentence's tokens stand far above the noise, so
+    each is required; the span's top candidates at the last position lose the final "." to "the", and the
+    positions channel's guess keeps it allowed (it was excluded before: "... of the rocks the")."""
+    from textleak.models import load_model
+
+    target = load_model("default", head="classification")
+    update, truth = defended_client(
+        target, ["The sailors rode the breeze clear of the rocks."], task="classification", labels=[1], seed=0,
+        defenses=["noise:sigma=1e-4"],
+    )
+    ids = list(truth.input_ids[0])
+    _, candidates, _ = get_attack("lamp", constraints="all").setup(update, target)
+    assert set(candidates.required) == set(ids[1:-1])
+    for p, token in enumerate(ids[1:-1], start=1):
+        assert bool(candidates.allowed[0, p, token])

@@ -48,11 +48,12 @@ WORD_EMBEDDINGS = "word_embeddings.weight"
 @dataclass(frozen=True)
 class TokenSet:
     """Token ids from one side channel: ``exact`` (the batch's tokens), or ``subset`` (some of them), or neither
-    (an approximate superset)."""
+    (an approximate superset); ``sure``: an approximate superset whose every token certainly occurs."""
 
     ids: list[int]
     exact: bool
     subset: bool = False
+    sure: bool = False
 
 
 @dataclass
@@ -79,14 +80,19 @@ class Candidates:
 
 
 def embedding_row_tokens(update: Update, ratio: float) -> TokenSet | None:
-    """Tokens whose word-embedding gradient row is non-zero (above ``ratio`` x the median row norm if that is not 0)."""
+    """Tokens whose word-embedding gradient row is non-zero (above ``ratio`` x the median row norm if that is not 0).
+
+    Under i.i.d. noise every row outside the batch is noise alone, whose norms cluster tightly around the median
+    (MiniLM: the largest of 30522 lies 1.16x above it), so a row above twice the median surely belongs to a
+    token of the batch: the set is ``sure``, though tokens with weaker rows may be missing.
+    """
     grads = [g for n, g in update.gradients.items() if n.endswith(WORD_EMBEDDINGS)]
     if not grads:
         return None
     norms = grads[0].to(torch.float64).norm(dim=-1)
     median = float(norms.median())
     present = (norms > ratio * median).nonzero().flatten().tolist()
-    return TokenSet(present, exact=median == 0.0) if present else None
+    return TokenSet(present, exact=median == 0.0, sure=median > 0 and ratio >= 2) if present else None
 
 
 def label_tokens(update: Update) -> TokenSet | None:
@@ -177,7 +183,7 @@ def build_candidates(
         elif update.metadata.task != "classification":
             warnings.append("constraint labels: the labels are not tokens, or the output-bias gradient is missing")
     vocabulary = _combine(sets, vocab)
-    required = sorted({t for s in sets if s.exact or s.subset for t in s.ids if bool(base[t])})
+    required = sorted({t for s in sets if s.exact or s.subset or s.sure for t in s.ids if bool(base[t])})
     if vocabulary is not None and any(s.exact for s in sets):
         required = [t for t in required if bool(vocabulary[t])]
     per_position, start = None, None
@@ -209,6 +215,8 @@ def build_candidates(
             both = None if per_position is None else per_position & span_mask
             # where the span sets (noisy) and the position sets disagree entirely, keep the position sets
             per_position = span_mask if both is None else torch.where(both.any(-1, keepdim=True), both, per_position)
+            if start is not None:  # the positions channel's best guess stays: noise blurs the span sets first
+                per_position[torch.arange(per_position.shape[0]), start[0]] = True
     if vocabulary is None and per_position is None:
         return Candidates(None, details, required=required, warnings=warnings)
     sources = ("embedding_rows", "labels", "position_top_k", "span_top_k")
