@@ -41,6 +41,9 @@ from textleak.update import Update
 CONSTRAINTS = ("none", "embedding-rows", "labels", "positions", "span", "all")
 #: at B > 1, the share of a token's gradient a position must hold for the token to be allowed there
 PAIR_FLOOR = 0.05
+#: Under i.i.d. noise a word-embedding row above this multiple of the median row norm surely belongs to the batch
+#: (noise alone: the largest of MiniLM's 30522 rows lies 1.16x above the median).
+SURE_RATIO = 2.0
 POSITION_EMBEDDINGS = "position_embeddings.weight"
 WORD_EMBEDDINGS = "word_embeddings.weight"
 
@@ -82,9 +85,9 @@ class Candidates:
 def embedding_row_tokens(update: Update, ratio: float) -> TokenSet | None:
     """Tokens whose word-embedding gradient row is non-zero (above ``ratio`` x the median row norm if that is not 0).
 
-    Under i.i.d. noise every row outside the batch is noise alone, whose norms cluster tightly around the median
-    (MiniLM: the largest of 30522 lies 1.16x above it), so a row above twice the median surely belongs to a
-    token of the batch: the set is ``sure``, though tokens with weaker rows may be missing.
+    Under i.i.d. noise every row outside the batch is noise alone, whose norms cluster tightly around the median,
+    so with ``ratio`` at least ``SURE_RATIO`` each row kept surely belongs to a token of the batch: the set is
+    ``sure``, though tokens with weaker rows may be missing.
     """
     grads = [g for n, g in update.gradients.items() if n.endswith(WORD_EMBEDDINGS)]
     if not grads:
@@ -92,7 +95,7 @@ def embedding_row_tokens(update: Update, ratio: float) -> TokenSet | None:
     norms = grads[0].to(torch.float64).norm(dim=-1)
     median = float(norms.median())
     present = (norms > ratio * median).nonzero().flatten().tolist()
-    return TokenSet(present, exact=median == 0.0, sure=median > 0 and ratio >= 2) if present else None
+    return TokenSet(present, exact=median == 0.0, sure=median > 0 and ratio >= SURE_RATIO) if present else None
 
 
 def label_tokens(update: Update) -> TokenSet | None:

@@ -156,7 +156,8 @@ def auto_accept(best: torch.Tensor, noise: float = 0.0) -> float:
     additive noise at least ``NOISE_ACCEPT`` times the second layer's ``SpanBasis.noise``, up to ``ACCEPT_MAX``."""
     live = best[best[:, 0] < DEAD, 0]
     typical = float(live.median()) if len(live) else DEAD
-    return min(ACCEPT_MAX, max(min(1e-2, max(1e-5, 100 * typical)), NOISE_ACCEPT * noise))
+    clean = min(1e-2, max(1e-5, 100 * typical))
+    return min(ACCEPT_MAX, max(clean, NOISE_ACCEPT * noise))
 
 
 class SpanAttack:

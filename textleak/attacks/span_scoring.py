@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -119,7 +120,7 @@ def span_basis(stacked: torch.Tensor, rank_tol: float | None = None) -> SpanBasi
     else:
         rank = _largest_drop(spectrum)
         if rank == 0:
-            rank, noise = _noise_bulk(spectrum, stacked.shape, d)
+            rank, noise = _noise_bulk(spectrum, tuple(stacked.shape))
     gap = math.inf if rank >= len(spectrum) else float(spectrum[rank - 1] / spectrum[rank].clamp_min(1e-300))
     return SpanBasis(basis=vh[:rank].T.contiguous(), spectrum=spectrum, rank=min(rank, d), gap=gap, noise=noise)
 
@@ -137,29 +138,37 @@ def _largest_drop(spectrum: torch.Tensor) -> int:
     return int(clear[-1]) + 1 if len(clear) else 0
 
 
-def _noise_bulk(spectrum: torch.Tensor, shape: tuple[int, ...], d: int) -> tuple[int, float]:
+def _noise_bulk(spectrum: torch.Tensor, shape: tuple[int, int]) -> tuple[int, float]:
     """(rank, noise) of a spectrum without a clear fall: a low-rank gradient plus noise (noised, DP or pruned updates).
 
     Under i.i.d. noise the noise's singular values are a Gaussian matrix's of the same shape (a seeded sample),
     scaled by its standard deviation, which the lower half of the spectrum gives; the values above the sample's
     largest, so scaled, are signal. A true input row then leaves the estimated span by about
-    ``std * sqrt(d - rank) / s`` for the signal values ``s`` it draws on (first-order subspace perturbation): the
-    median over the signal values is ``noise``, in the same relative units as ``SpanBasis.residual`` (MiniLM, CoLA
-    B=4 under noise 1e-7 to 1e-5: within 1.3x of the true rows' median residual). Any other bulk (pruning, masking):
-    the values above ``NOISE_BULK`` times the median, noise 0. Full rank when neither finds a bulk.
+    ``std * sqrt(d - rank) / s`` (d = ``shape[1]``, the inputs) for the signal values ``s`` it draws on (first-order
+    subspace perturbation): the median over the signal values is ``noise``, in the same relative units as
+    ``SpanBasis.residual`` (MiniLM, CoLA B=4 under noise 1e-7 to 1e-5: within 1.3x of the true rows' median
+    residual). Any other bulk (pruning, masking): the values above ``NOISE_BULK`` times the median, noise 0. Full
+    rank when neither finds a bulk.
     """
-    sample = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    bulk = torch.linalg.svdvals(sample)[: len(spectrum)]
+    bulk = _gaussian_spectrum(shape)
     lower = slice(len(spectrum) // 2, len(spectrum))
     ratios = spectrum[lower] / bulk[lower]
     if float(ratios.max() / ratios.min().clamp_min(1e-300)) <= GAUSSIAN_SPREAD:
         std = float(ratios.median())
         rank = int((spectrum > std * bulk[0]).sum())
         if 0 < rank <= len(spectrum) // 2:
-            return rank, std * math.sqrt(d - rank) * float(spectrum[:rank].pow(-2).median().sqrt())
+            return rank, std * math.sqrt(shape[1] - rank) * float(spectrum[:rank].pow(-2).median().sqrt())
         return len(spectrum), 0.0
     signal = int((spectrum > NOISE_BULK * float(spectrum.median())).sum())
     return (len(spectrum) if signal == 0 or signal > len(spectrum) // 2 else signal), 0.0
+
+
+@lru_cache(maxsize=8)
+def _gaussian_spectrum(shape: tuple[int, int]) -> torch.Tensor:
+    """Singular values of a seeded standard Gaussian matrix of ``shape``: one SVD per gradient shape, shared by
+    both layers' spans and by every update of the same model."""
+    sample = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return torch.linalg.svdvals(sample)
 
 
 @dataclass(frozen=True)
