@@ -64,8 +64,8 @@ QUICK_SHARE = 0.2
 #: Share of ``time_limit`` for the context proposals, before the quick pass (span_context)
 CONTEXT_SHARE = 0.4
 #: Under additive noise a true sentence's worst second-layer row lies within this multiple of the span's noise level
-#: (its typical row's residual: worst rows 2.3-3.5x that on MiniLM CoLA B=4 under noise 1e-6 and 3e-6), while one
-#: wrong token lifts the worst row to about 0.17 whatever the noise.
+#: (its typical row's residual: worst rows 2.1-2.8x that on MiniLM CoLA B=4 batch 0 under noise 1e-6, 2.7-3.9x under
+#: 3e-6), while one wrong token lifts the worst row to about 0.17 whatever the noise.
 NOISE_ACCEPT = 4.0
 #: The loosest second-layer acceptance: beyond it a true sentence cannot be told from a near miss.
 ACCEPT_MAX = 0.1
