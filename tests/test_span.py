@@ -232,7 +232,7 @@ def test_gaussian_bulk_gives_the_signal_rank_and_a_true_row_s_residual():
 def test_noised_batch_is_accepted_at_the_noise_s_own_level(models):
     """Noise lifts a true sentence's second-layer rows well past the clean acceptance (1e-2) but not to a wrong
     token's: acceptance follows the estimated noise, so the lightly noised batch comes back exactly and confirmed
-    (the clean acceptance confirmed neither sentence and returned unconfirmed attempts after its whole time limit)."""
+    (the clean acceptance confirmed only one of the two, after spending its whole 60 s limit)."""
     target = load_model("default", head="classification")
     update, truth = defended_client(
         target, SENTENCES, task="classification", seed=0, reveal=(), defenses=["noise:sigma=1e-6"]
