@@ -34,6 +34,7 @@ from textleak.attacks.span_assembly import (
 from textleak.attacks.span_attention import AttentionTest, attention_test
 from textleak.attacks.span_context import assemble_by_context, context_solver
 from textleak.attacks.span_pairing import Pairing, pair_tokens
+from textleak.attacks.span_peeling import peel, peel_refusal
 from textleak.attacks.span_scoring import (
     EmbeddingParts,
     SpanBasis,
@@ -67,6 +68,11 @@ CONTEXT_SHARE = 0.4
 #: (its typical row's residual: worst rows 2.1-2.8x that on MiniLM CoLA B=4 batch 0 under noise 1e-6, 2.7-3.9x under
 #: 3e-6), while one wrong token lifts the worst row to about 0.17 whatever the noise.
 NOISE_ACCEPT = 4.0
+#: The timing of a whole reconstruction (the others are its phases, summed over peeled rounds)
+TOTAL = "total_s"
+#: Seconds the rest of a peeled batch gets at least, even when the search's time is spent: a sentence left alone by
+#: peeling is read in about a second (span_peeling), so stopping there would waste the peeling.
+PEEL_MIN_S = 2.0
 #: The loosest second-layer acceptance: beyond it a true sentence cannot be told from a near miss.
 ACCEPT_MAX = 0.1
 
@@ -91,7 +97,8 @@ class SpanConfig:
     seconds for the sentence search, after which the best answer so far is returned with a warning (None: no limit).
     context: before the quick pass, propose whole sentences around tokens that occur once from the first attention
     layer's output-projection gradient (span_context; needs pairing and attention), finished by the second-layer
-    search.
+    search. peel: once some sentences of a classification batch are accepted, subtract their gradients and attack
+    the rest of the batch as a smaller one (span_peeling), within what is left of ``time_limit``.
     """
 
     threshold: float | None = None
@@ -108,6 +115,7 @@ class SpanConfig:
     quick: bool = True
     time_limit: float | None = None
     context: bool = True
+    peel: bool = True
 
     def __post_init__(self) -> None:
         for name in ("threshold", "rank_tol", "accept"):
@@ -173,7 +181,7 @@ class SpanAttack:
         check_requirements(self.name, update, self.requires)
         start = time.perf_counter()
         result = self._reconstruct(update, target, progress)
-        result.timings["total_s"] = time.perf_counter() - start
+        result.timings[TOTAL] = time.perf_counter() - start
         return result
 
     def _reconstruct(self, update: Update, target: LoadedModel, progress: Progress | None) -> Reconstruction:
@@ -275,6 +283,7 @@ class SpanAttack:
                 out.append(max(1, min(meta.batch_size, reach - held)))
             return out
 
+        peelable = cfg.peel and peel_refusal(update) is None
         contextual: list[Found] = []
         quick: list[Found] = []
         anchored: list[Found] = []
@@ -299,8 +308,11 @@ class SpanAttack:
                         search, solver, anchors, ends, partial(_narrowed, options_for, paired_count),
                         meta.batch_size, first=cls, last=sep, spare=lengths, budget=budget, confirm=confirm,
                         reserve_for=options_for,
+                        stop_after=1 if peelable else None,
                     )
                 timings["context"] = time.perf_counter() - clock_phase
+                if (rest := self._peeled(update, target, contextual, search, warnings, timings)) is not None:
+                    return rest
             clock_phase = time.perf_counter()
             budget = None if cfg.time_limit is None else cfg.time_limit * QUICK_SHARE
             quick = contextual
@@ -310,6 +322,8 @@ class SpanAttack:
                     confirm=confirm, widths=widths, wide=cfg.max_candidates,
                 )
             timings["quick"] = time.perf_counter() - clock_phase
+            if (rest := self._peeled(update, target, quick, search, warnings, timings)) is not None:
+                return rest
             clock_phase = time.perf_counter()
             readable = sum(test.usable(n) for n in ends) / len(ends)
             budget = None if cfg.time_limit is None else cfg.time_limit * ANCHOR_SHARE * readable
@@ -318,10 +332,14 @@ class SpanAttack:
                 accepted=quick, confirm=confirm,
             )
             timings["anchors"] = time.perf_counter() - clock_phase
+            if (rest := self._peeled(update, target, anchored, search, warnings, timings)) is not None:
+                return rest
         accepted, rejected = assemble(
             search, lengths, options_for, meta.batch_size, accepted=anchored, confirm=confirm,
             widths=widths, wide=cfg.max_candidates,
         )
+        if not search.expired and (rest := self._peeled(update, target, accepted, search, warnings, timings)):
+            return rest
         if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites
             rejected = [Found(tuple(options[0] for options in options_for(lengths[0], [])), math.inf)]
         if search.expired and len(accepted) < meta.batch_size:
@@ -365,6 +383,48 @@ class SpanAttack:
             timings=timings,
             config=dataclasses.asdict(cfg),
             warnings=warnings,
+            details=details,
+        )
+
+    def _peeled(
+        self,
+        update: Update,
+        target: LoadedModel,
+        found: list[Found],
+        search: SentenceSearch,
+        warnings: list[str],
+        timings: dict[str, float],
+    ) -> Reconstruction | None:
+        """``found`` plus the span attack on the update less their gradients (span_peeling), in what is left of the
+        search's time (at least ``PEEL_MIN_S``); None when peeling is off, nothing or everything is found, or the
+        update cannot be peeled."""
+        cfg = self.config
+        if not cfg.peel or not 0 < len(found) < update.metadata.batch_size:
+            return None
+        clock = time.perf_counter()
+        peeled = peel(update, target.model, [f.ids for f in found], target.tokenizer.pad_token_id)
+        timings["peel"] = timings.get("peel", 0.0) + time.perf_counter() - clock
+        if peeled is None:
+            return None
+        left = None if cfg.time_limit is None else max(search.deadline - time.perf_counter(), PEEL_MIN_S)
+        rest = SpanAttack(**{**dataclasses.asdict(cfg), "time_limit": left}).reconstruct(peeled.update, target)
+        scores = {f.ids: f.score for f in found}
+        token_ids = [list(ids) for ids in peeled.ids] + rest.token_ids
+        details = {
+            **rest.details,
+            "peeled_sentences": len(peeled.ids) + rest.details.get("peeled_sentences", 0),
+            "peeled_labels": [*peeled.labels, *rest.details.get("peeled_labels", [])],
+            "lengths": [len(ids) for ids in token_ids],
+            "estimated_sequences": len(peeled.ids) + (rest.details.get("estimated_sequences") or 0),
+            "sentence_scores": [scores[ids] for ids in peeled.ids] + rest.details.get("sentence_scores", []),
+        }
+        return Reconstruction(
+            attack=self.name,
+            token_ids=token_ids,
+            texts=_decode(target.tokenizer, token_ids),
+            timings={k: timings.get(k, 0.0) + rest.timings.get(k, 0.0) for k in {*timings, *rest.timings} - {TOTAL}},
+            config=dataclasses.asdict(cfg),
+            warnings=warnings + rest.warnings,
             details=details,
         )
 

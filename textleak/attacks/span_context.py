@@ -337,6 +337,7 @@ def assemble_by_context(
     accepted: list[Found] | None = None,
     confirm: Callable[[Found], bool] | None = None,
     reserve_for: Callable[[int, list[Found]], list[list[int]]] | None = None,
+    stop_after: int | None = None,
 ) -> list[Found]:
     """Sentences proposed around anchors by the context solve and finished by the second layer's search, after any
     ``accepted`` ones; ``confirm`` as in ``assemble``.
@@ -350,9 +351,11 @@ def assemble_by_context(
     widening near a sentence to the tokens of ``reserve_for`` the length (each position's full candidate list) that
     those options lack; it keeps a sentence the second layer accepts. When none is accepted, quick solves
     (``SCREEN_STEPS``) rank every other length of ``spare``, and the best ``PROPOSALS_TRIED`` are solved, refined
-    and searched the same way. ``budget`` (seconds) bounds the phase.
+    and searched the same way. ``budget`` (seconds) bounds the phase; ``stop_after`` new sentences end it (the span
+    attack peels them off the update and starts over on the rest).
     """
     accepted = list(accepted or [])
+    wanted = batch_size if stop_after is None else min(batch_size, len(accepted) + stop_after)
     deadline = math.inf if budget is None else time.perf_counter() + budget
 
     def over() -> bool:
@@ -376,7 +379,7 @@ def assemble_by_context(
         return None
 
     for token, position in anchors:
-        if len(accepted) >= batch_size or over():
+        if len(accepted) >= wanted or over():
             break
         if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
             continue
