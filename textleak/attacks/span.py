@@ -287,6 +287,11 @@ class SpanAttack:
         contextual: list[Found] = []
         quick: list[Found] = []
         anchored: list[Found] = []
+
+        def phases() -> dict[tuple[int, ...], str]:
+            """The phase that found each sentence so far (the final search's are not counted by phase)."""
+            named = [("anchored", anchored), ("quick", quick), ("context", contextual)]
+            return {f.ids: phase for phase, found in named for f in found}
         confirm: Callable[[Found], bool] | None = None
         if cfg.attention and test is not None and pairing is not None:
             anchor_set = {(t, p) for t, p in single if t not in (sep, cls, pad)}
@@ -311,7 +316,7 @@ class SpanAttack:
                         stop_after=1 if peelable else None,
                     )
                 timings["context"] = time.perf_counter() - clock_phase
-                if (rest := self._peeled(update, target, contextual, search, warnings, timings)) is not None:
+                if (rest := self._peeled(update, target, contextual, search, warnings, timings, phases)) is not None:
                     return rest
             clock_phase = time.perf_counter()
             budget = None if cfg.time_limit is None else cfg.time_limit * QUICK_SHARE
@@ -322,7 +327,7 @@ class SpanAttack:
                     confirm=confirm, widths=widths, wide=cfg.max_candidates,
                 )
             timings["quick"] = time.perf_counter() - clock_phase
-            if (rest := self._peeled(update, target, quick, search, warnings, timings)) is not None:
+            if (rest := self._peeled(update, target, quick, search, warnings, timings, phases)) is not None:
                 return rest
             clock_phase = time.perf_counter()
             readable = sum(test.usable(n) for n in ends) / len(ends)
@@ -332,13 +337,13 @@ class SpanAttack:
                 accepted=quick, confirm=confirm,
             )
             timings["anchors"] = time.perf_counter() - clock_phase
-            if (rest := self._peeled(update, target, anchored, search, warnings, timings)) is not None:
+            if (rest := self._peeled(update, target, anchored, search, warnings, timings, phases)) is not None:
                 return rest
         accepted, rejected = assemble(
             search, lengths, options_for, meta.batch_size, accepted=anchored, confirm=confirm,
             widths=widths, wide=cfg.max_candidates,
         )
-        if not search.expired and (rest := self._peeled(update, target, accepted, search, warnings, timings)):
+        if not search.expired and (rest := self._peeled(update, target, accepted, search, warnings, timings, phases)):
             return rest
         if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites
             rejected = [Found(tuple(options[0] for options in options_for(lengths[0], [])), math.inf)]
@@ -394,10 +399,12 @@ class SpanAttack:
         search: SentenceSearch,
         warnings: list[str],
         timings: dict[str, float],
+        phases: Callable[[], dict[tuple[int, ...], str]],
     ) -> Reconstruction | None:
         """``found`` plus the span attack on the update less their gradients (span_peeling), in what is left of the
         search's time (at least ``PEEL_MIN_S``); None when peeling is off, nothing or everything is found, or the
-        update cannot be peeled."""
+        update cannot be peeled. ``phases`` names the phase that found each sentence so far: a peeled sentence
+        counts in its phase's total in the details."""
         cfg = self.config
         if not cfg.peel or not 0 < len(found) < update.metadata.batch_size:
             return None
@@ -418,6 +425,11 @@ class SpanAttack:
             "estimated_sequences": len(peeled.ids) + (rest.details.get("estimated_sequences") or 0),
             "sentence_scores": [scores[ids] for ids in peeled.ids] + rest.details.get("sentence_scores", []),
         }
+        found_in = phases()
+        for ids in peeled.ids:
+            if ids in found_in:
+                key = f"{found_in[ids]}_sentences"
+                details[key] = details.get(key, 0) + 1
         return Reconstruction(
             attack=self.name,
             token_ids=token_ids,
