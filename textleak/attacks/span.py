@@ -70,8 +70,8 @@ CONTEXT_SHARE = 0.4
 NOISE_ACCEPT = 4.0
 #: The timing of a whole reconstruction (the others are its phases, summed over peeled rounds)
 TOTAL = "total_s"
-#: Seconds the rest of a peeled batch gets at least, even when the search's time is spent: a sentence left alone by
-#: peeling is read in about a second (span_peeling), so stopping there would waste the peeling.
+#: Seconds the rest of a peeled batch needs at least. With less left of the time limit, a last sentence still gets
+#: them (it is read alone in about a second: span_peeling), while a rest of several sentences is not attacked.
 PEEL_MIN_S = 2.0
 #: The loosest second-layer acceptance: beyond it a true sentence cannot be told from a near miss.
 ACCEPT_MAX = 0.1
@@ -402,9 +402,9 @@ class SpanAttack:
         phases: Callable[[], dict[tuple[int, ...], str]],
     ) -> Reconstruction | None:
         """``found`` plus the span attack on the update less their gradients (span_peeling), in what is left of the
-        search's time (at least ``PEEL_MIN_S``); None when peeling is off, nothing or everything is found, or the
-        update cannot be peeled. ``phases`` names the phase that found each sentence so far: a peeled sentence
-        counts in its phase's total in the details."""
+        search's time (``PEEL_MIN_S`` for a last sentence); None when peeling is off, nothing or everything is found,
+        the update cannot be peeled, or too little time is left. ``phases`` names the phase that found each sentence
+        so far: a peeled sentence counts in its phase's total in the details."""
         cfg = self.config
         if not cfg.peel or not 0 < len(found) < update.metadata.batch_size:
             return None
@@ -413,7 +413,11 @@ class SpanAttack:
         timings["peel"] = timings.get("peel", 0.0) + time.perf_counter() - clock
         if peeled is None:
             return None
-        left = None if cfg.time_limit is None else max(search.deadline - time.perf_counter(), PEEL_MIN_S)
+        left = None if cfg.time_limit is None else search.deadline - time.perf_counter()
+        if left is not None and left < PEEL_MIN_S:
+            if peeled.update.metadata.batch_size > 1:
+                return None
+            left = PEEL_MIN_S
         rest = SpanAttack(**{**dataclasses.asdict(cfg), "time_limit": left}).reconstruct(peeled.update, target)
         scores = {f.ids: f.score for f in found}
         token_ids = [list(ids) for ids in peeled.ids] + rest.token_ids

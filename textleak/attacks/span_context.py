@@ -67,6 +67,12 @@ PROPOSALS_TRIED = 2
 #: 33-37 candidate lengths, 5-step solves of at most 100 inner steps ranked the true one first for 5 anchors,
 #: 20-step solves for 7).
 SCREEN_STEPS = 5
+#: A refined proposal of n tokens whose median second-layer row residual exceeds the larger of these two,
+#: ``PROPOSAL_FAR`` and ``PROPOSAL_FAR_TOKENS / n``, mixes sentences and is not searched. MiniLM SST-2 and RT B=8
+#: batches 1 and 7 (26-46 tokens): proposals 1-7 tokens off sat at 0.013-0.023, while those 17-34 off or of a wrong
+#: length sat at 0.077-0.13, and each of their 8-24 s descents ended 6-32 tokens off. One random wrong token lifts
+#: the median of a short sentence more: up to 0.09-0.11 at 11-13 tokens (CoLA, SST-2), 0.018-0.044 at 23-40.
+PROPOSAL_FAR, PROPOSAL_FAR_TOKENS = 0.05, 1.5
 
 
 @dataclass(frozen=True)
@@ -370,6 +376,9 @@ def assemble_by_context(
         for _, length, sentence in sorted(proposals):
             if over():
                 break
+            far = max(PROPOSAL_FAR, PROPOSAL_FAR_TOKENS / length)
+            if float(search.rows(torch.tensor([sentence]))[0].median()) > far:
+                continue
             narrow = options_for(length, accepted)
             options = [list(dict.fromkeys([t, *tokens])) for t, tokens in zip(sentence, narrow, strict=True)]
             reserve = None if reserve_for is None else reserve_for(length, accepted)

@@ -1,0 +1,70 @@
+"""Peeling found sentences off a classification update: the rest is the update of the other sentences alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from textleak.attacks.span import SpanAttack
+from textleak.attacks.span_peeling import peel, peel_refusal
+from textleak.client import simulate_client
+from textleak.defenses.client import defended_client
+from textleak.models import load_model
+
+SENTENCES = ["the cat sat on the mat.", "a very good movie indeed, i liked it", "rain fell all night over the old town"]
+LABELS = [1, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return load_model("random:bert-mini", head="classification")
+
+
+def test_peeling_a_true_sentence_leaves_the_update_of_the_others_alone(mini):
+    update, truth = simulate_client(mini, SENTENCES, task="classification", labels=LABELS, seed=0, reveal=())
+    others, _ = simulate_client(mini, SENTENCES[1:], task="classification", labels=LABELS[1:], seed=0, reveal=())
+    peeled = peel(update, mini.model, [truth.input_ids[0]], mini.tokenizer.pad_token_id)
+    assert peeled is not None
+    assert peeled.labels == (1,) and peeled.ids == (tuple(truth.input_ids[0]),)
+    assert peeled.update.metadata.batch_size == 2
+    for name, expected in others.gradients.items():
+        got = peeled.update.gradients[name]
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-9, name
+    # word rows only the peeled sentence used are exactly zero again, as in the other sentences' own update
+    word = next(n for n in others.gradients if n.endswith("word_embeddings.weight"))
+    assert torch.equal(peeled.update.gradients[word].abs().sum(1) == 0, others.gradients[word].abs().sum(1) == 0)
+
+
+def test_each_sentence_gets_its_own_label_and_a_stranger_is_not_peeled(mini):
+    update, truth = simulate_client(mini, SENTENCES, task="classification", labels=LABELS, seed=0, reveal=())
+    stranger = mini.tokenizer("a sentence that is not in the batch")["input_ids"]
+    peeled = peel(update, mini.model, [truth.input_ids[1], stranger, truth.input_ids[2]], mini.tokenizer.pad_token_id)
+    assert peeled is not None
+    assert peeled.ids == (tuple(truth.input_ids[1]), tuple(truth.input_ids[2])) and peeled.labels == (0, 1)
+    assert peel(update, mini.model, [stranger], mini.tokenizer.pad_token_id) is None
+
+
+def test_only_updates_linear_in_the_batch_are_peeled(mini):
+    noised, _ = defended_client(mini, SENTENCES, task="classification", labels=LABELS, defenses=["noise:sigma=1e-6"])
+    assert peel_refusal(noised) is None
+    pruned, truth = defended_client(mini, SENTENCES, task="classification", labels=LABELS, defenses=["prune:ratio=0.5"])
+    assert "prune" in peel_refusal(pruned)
+    assert peel(pruned, mini.model, [truth.input_ids[0]], mini.tokenizer.pad_token_id) is None
+    lm = load_model("random:bert-mini", head="mlm")
+    masked, _ = simulate_client(lm, SENTENCES, task="mlm", seed=0, reveal=())
+    assert "mlm" in peel_refusal(masked)
+
+
+def test_the_span_attack_peels_what_it_finds_and_reads_the_rest(mini):
+    update, truth = simulate_client(mini, SENTENCES, task="classification", labels=LABELS, seed=0, reveal=())
+    result = SpanAttack(seed=0).reconstruct(update, mini)
+    assert sorted(map(tuple, result.token_ids)) == sorted(map(tuple, truth.input_ids))
+    assert result.warnings == []
+    assert result.details["peeled_sentences"] == 2  # the last sentence is read from what the other two leave
+    peeled = [ids for ids in result.token_ids[:2]]
+    assert result.details["peeled_labels"] == [LABELS[truth.input_ids.index(tuple(ids))] for ids in peeled]
+    assert result.details["estimated_sequences"] == 3
+    assert sum(result.details[f"{phase}_sentences"] for phase in ("context", "quick", "anchored")) >= 2
+    unpeeled = SpanAttack(seed=0, peel=False).reconstruct(update, mini)
+    assert sorted(map(tuple, unpeeled.token_ids)) == sorted(map(tuple, truth.input_ids))
+    assert "peeled_sentences" not in unpeeled.details
