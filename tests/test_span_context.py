@@ -293,3 +293,38 @@ def test_two_exchanged_tokens_are_swapped_back(mini):
     start = Found(tuple(exchanged), float(search.score(torch.tensor([exchanged]))[1][0]))
     assert search.descend(exchanged, [list(o) for o in options], set()).ids != tuple(target)
     assert search.swap(start, [list(o) for o in options], set()).ids == tuple(target)
+
+
+
+def test_a_proposal_that_mixes_sentences_is_not_searched(mini):
+    """A refined proposal far from every sentence (half of one long sentence, half of another) is dropped before the
+    second layer's search, which would spend seconds descending from it; one wrong token still gets searched."""
+    long = [
+        "the old harbour town woke slowly as fishing boats returned with their nets full and gulls circled over the "
+        "wet stones of the quay",
+        "a quiet film about grief that never raises its voice yet leaves you shaken and moved long after the final "
+        "scene has faded slowly to black",
+    ]
+    update, truth = simulate_client(mini, long, task="classification", seed=0, reveal=())
+    solver, count = _solver(mini, update, truth)
+    tok = mini.tokenizer
+    ids, other = list(truth.input_ids[0]), list(truth.input_ids[1])
+    assert len(ids) >= 25 and len(other) >= len(ids)
+    anchor = next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1)
+    mixed = ids[: len(ids) // 2] + other[len(ids) // 2 : len(ids) - 1] + [tok.sep_token_id]
+    near = list(ids)
+    near[len(ids) // 2] = tok.unk_token_id
+    search = _second_layer_search(mini, update)
+    searched = []
+    original = search.search
+    search.search = lambda start, *args, **kwargs: searched.append(list(start)) or original(start, *args, **kwargs)
+
+    def options_for(length, accepted):
+        return [[t] for t in ids]  # nothing to choose: only whether the proposal is searched matters
+
+    for proposal, expected in ((mixed, []), (near, [near])):
+        solver.refine = lambda first, proposal=proposal: (0.0, proposal)
+        searched.clear()
+        assemble_by_context(search, solver, [anchor], [len(ids)], options_for, 1, first=tok.cls_token_id,
+                            last=tok.sep_token_id)
+        assert searched == expected
