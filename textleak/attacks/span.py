@@ -184,7 +184,11 @@ class SpanAttack:
         result.timings[TOTAL] = time.perf_counter() - start
         return result
 
-    def _reconstruct(self, update: Update, target: LoadedModel, progress: Progress | None) -> Reconstruction:
+    def _reconstruct(
+        self, update: Update, target: LoadedModel, progress: Progress | None, deadline: float | None = None
+    ) -> Reconstruction:
+        """The attack; ``deadline`` (``time.perf_counter()`` seconds): when the sentence search must end, for the rest
+        of a peeled batch (by default ``time_limit`` after the search starts)."""
         cfg, tok, model = self.config, target.tokenizer, target.model
         meta = update.metadata
         warnings: list[str] = []
@@ -262,7 +266,7 @@ class SpanAttack:
             max_sweeps=cfg.max_sweeps,
             restarts=cfg.restarts,
             seed=cfg.seed,
-            time_limit=cfg.time_limit,
+            time_limit=cfg.time_limit if deadline is None else deadline - time.perf_counter(),
         )
 
         ends = lengths
@@ -413,12 +417,12 @@ class SpanAttack:
         timings["peel"] = timings.get("peel", 0.0) + time.perf_counter() - clock
         if peeled is None:
             return None
-        left = None if cfg.time_limit is None else search.deadline - time.perf_counter()
-        if left is not None and left < PEEL_MIN_S:
-            if peeled.update.metadata.batch_size > 1:
+        deadline = None
+        if cfg.time_limit is not None:
+            deadline = max(search.deadline, time.perf_counter() + PEEL_MIN_S)
+            if deadline > search.deadline and peeled.update.metadata.batch_size > 1:
                 return None
-            left = PEEL_MIN_S
-        rest = SpanAttack(**{**dataclasses.asdict(cfg), "time_limit": left}).reconstruct(peeled.update, target)
+        rest = self._reconstruct(peeled.update, target, None, deadline)
         scores = {f.ids: f.score for f in found}
         token_ids = [list(ids) for ids in peeled.ids] + rest.token_ids
         details = {
