@@ -343,12 +343,14 @@ class SpanAttack:
             timings["anchors"] = time.perf_counter() - clock_phase
             if (rest := self._peeled(update, target, anchored, search, warnings, timings, phases)) is not None:
                 return rest
-        accepted, rejected = assemble(
-            search, lengths, options_for, meta.batch_size, accepted=anchored, confirm=confirm,
-            widths=widths, wide=cfg.max_candidates,
-        )
-        if not search.expired and (rest := self._peeled(update, target, accepted, search, warnings, timings, phases)):
-            return rest
+        final = partial(assemble, search, lengths, options_for, meta.batch_size, confirm=confirm, widths=widths,
+                        wide=cfg.max_candidates)
+        accepted, rejected = final(accepted=anchored, stop_after=1 if peelable else None)
+        if peelable and len(accepted) < meta.batch_size and not search.expired:
+            if rest := self._peeled(update, target, accepted, search, warnings, timings, phases):
+                return rest
+            accepted, more = final(accepted=accepted)  # not peeled after all: the rest of the batch here
+            rejected += more
         if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites
             rejected = [Found(tuple(options[0] for options in options_for(lengths[0], [])), math.inf)]
         if search.expired and len(accepted) < meta.batch_size:

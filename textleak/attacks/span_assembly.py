@@ -317,8 +317,10 @@ def assemble(
     confirm: Callable[[Found], bool] | None = None,
     widths: Callable[[int, list[Found]], list[int]] | None = None,
     wide: int | None = None,
+    stop_after: int | None = None,
 ) -> tuple[list[Found], list[Found]]:
-    """Find up to ``batch_size`` sentences over the candidate ``lengths`` (best first), after any ``accepted`` ones.
+    """Find up to ``batch_size`` sentences over the candidate ``lengths`` (best first), after any ``accepted`` ones;
+    ``stop_after`` new sentences end the call (the span attack peels them off the update and starts over).
 
     ``quick``: one pass over the lengths, one descent each among each position's narrow favourites, no
     restarts (finds the easy sentences in seconds). ``budget`` (seconds) bounds the call within the search's time limit.
@@ -331,6 +333,7 @@ def assemble(
     the whole list. Returns (accepted sentences, best rejected attempts).
     """
     accepted = list(accepted or [])
+    wanted = batch_size if stop_after is None else min(batch_size, len(accepted) + stop_after)
     rejected: list[Found] = []
     found: set[tuple[int, ...]] = {f.ids for f in accepted}
     stop = math.inf if budget is None else time.perf_counter() + budget
@@ -344,10 +347,10 @@ def assemble(
         held = {len(f.ids) for f in accepted}
         pending = [n for n in lengths if n not in held] + [n for n in lengths if n in held]
         progress = True
-        while len(accepted) < batch_size and progress and not over():
+        while len(accepted) < wanted and progress and not over():
             progress = False
             for length in list(pending):
-                if len(accepted) >= batch_size or over():
+                if len(accepted) >= wanted or over():
                     break
                 options = options_for(length, accepted)
                 width = widths(length, accepted) if widths is not None else [batch_size] * len(options)
@@ -362,7 +365,7 @@ def assemble(
             if quick:  # one attempt per length: a repeat after a narrow miss elsewhere risks a near-miss sentence
                 break
         # time left under a time limit: another round over every length, with twice the restarts
-        if quick or len(accepted) >= batch_size or over() or math.isinf(search.deadline):
+        if quick or len(accepted) >= wanted or over() or math.isinf(search.deadline):
             return accepted, rejected
         restarts = 2 * restarts + 1
 

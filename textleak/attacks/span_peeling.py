@@ -1,10 +1,13 @@
 """Peeling: subtract the gradient of sentences already recovered, leaving the update of the rest of the batch.
 
 A classification client sends the mean of its sentences' gradients, and the attacker holds the model: once a
-sentence is known, its own gradient can be computed up to its label. The first layer's span tells the label: with
-the true one, subtracting the sentence removes its input rows from the span (the rank falls by about its length),
-while a wrong label leaves a rank-``length`` remainder there. What is left is the update of a smaller batch, which
-the span attack reads far more easily: fewer candidates per position, a shorter search. A 39-token SST-2 sentence
+sentence is known, its own gradient can be computed up to its label. The first layer's gradient tells the label:
+with the true one, subtracting the sentence removes its input rows from the gradient's row space, so the sum of its
+singular values (nuclear norm) falls, while a wrong label leaves a rank-``length`` remainder there and the sum
+rises, as it does for a sentence that is not in the batch (MiniLM CoLA B=4: the true label's sum 0.72-0.85 of the
+update's clean, 0.98-0.99 under noise sigma 1e-4; a wrong label's or a stranger's 1.00-1.30). What is left is the
+update of a smaller batch, which the span attack reads far more easily: fewer candidates per position, a shorter
+search. A 39-token SST-2 sentence
 that a 240 s search misses at B=4 is read in under a second once its three companions are peeled.
 
 Only updates linear in the batch can be peeled: plain classification gradients, also after additive noise or with
@@ -56,10 +59,11 @@ def peel_refusal(update: Update) -> str | None:
 def peel(update: Update, model: torch.nn.Module, sentences: Sequence[Sequence[int]], pad_id: int) -> Peeled | None:
     """``update`` less the gradients of those ``sentences`` whose label the first layer's span confirms.
 
-    Each sentence is tried with every label on its own: the label is kept when it lowers the first layer's rank
-    below both the update's and every other label's; a sentence no label does that for (a wrong sentence, or one
-    whose rows another copy in the batch still holds) stays in. None when the update cannot be peeled or no
-    sentence qualifies.
+    Each sentence is tried with every label on its own, scored by the first layer's rank, then its nuclear norm:
+    the best label is kept if it lowers that score below the update's. A clean update's rank decides (on a random
+    BERT the norm alone can favour a wrong label, or a sentence not in the batch, whose rows raise the rank); under
+    noise the estimated ranks mostly tie and the norm decides. A sentence no label lowers the score for stays in.
+    None when the update cannot be peeled or no sentence qualifies.
     """
     if peel_refusal(update) is not None or not sentences:
         return None
@@ -68,17 +72,18 @@ def peel(update: Update, model: torch.nn.Module, sentences: Sequence[Sequence[in
     if any(name not in update.gradients for name in first):
         return None
     stacked = stacked_gradient(update, first)
-    rank = span_basis(stacked).rank
+    nuclear, rank = float(torch.linalg.svdvals(stacked).sum()), span_basis(stacked).rank
     classes = int(getattr(model.config, "num_labels", 2))
     kept_ids: list[tuple[int, ...]] = []
     kept_labels: list[int] = []
     for ids in sentences:
-        ranks = []
+        rests = []
         for label in range(classes):
-            own = _gradients(model, [ids], [label], first, pad_id)
-            ranks.append(span_basis(stacked - torch.cat([own[n] for n in first]).double() / meta.batch_size).rank)
-        best = min(range(classes), key=ranks.__getitem__)
-        if ranks[best] < rank and ranks.count(ranks[best]) == 1:
+            own = torch.cat(list(_gradients(model, [ids], [label], first, pad_id).values())).double()
+            rests.append(stacked - own / meta.batch_size)
+        scores = [(span_basis(rest).rank, float(torch.linalg.svdvals(rest).sum())) for rest in rests]
+        best = min(range(classes), key=scores.__getitem__)
+        if scores[best] < (rank, nuclear):
             kept_ids.append(tuple(ids))
             kept_labels.append(best)
     if not kept_ids:
