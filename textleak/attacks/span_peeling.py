@@ -2,13 +2,14 @@
 
 A classification client sends the mean of its sentences' gradients, and the attacker holds the model: once a
 sentence is known, its own gradient can be computed up to its label. The first layer's gradient tells the label:
-with the true one, subtracting the sentence removes its input rows from the gradient's row space, so the sum of its
-singular values (nuclear norm) falls, while a wrong label leaves a rank-``length`` remainder there and the sum
-rises, as it does for a sentence that is not in the batch (MiniLM CoLA B=4: the true label's sum 0.72-0.85 of the
-update's clean, 0.98-0.99 under noise sigma 1e-4; a wrong label's or a stranger's 1.00-1.30). What is left is the
-update of a smaller batch, which the span attack reads far more easily: fewer candidates per position, a shorter
-search. A 39-token SST-2 sentence
-that a 240 s search misses at B=4 is read in under a second once its three companions are peeled.
+with the true one, subtracting the sentence removes its input rows from the gradient's row space, so the rank falls
+by about its length and the sum of the singular values (nuclear norm) falls too, while a wrong label leaves a
+rank-``length`` remainder there, as a sentence that is not in the batch adds one (MiniLM CoLA B=4: the true label's
+nuclear norm 0.72-0.85 of the update's clean, 0.98-0.99 under noise sigma 1e-4; a wrong label's or a stranger's
+1.00-1.30; under noise sigma 1e-5 the estimated rank still falls from 35 to 26-29). What is left is the update of a
+smaller batch, which the span attack reads far more easily: fewer candidates per position, a shorter search. A
+39-token SST-2 sentence that a 240 s search misses at B=4 is read in under a second once its three companions are
+peeled.
 
 Only updates linear in the batch can be peeled: plain classification gradients, also after additive noise or with
 frozen tensors left out. mlm updates are not (their random masks are unknown), nor are clipped, pruned, quantised,
