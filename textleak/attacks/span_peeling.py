@@ -74,7 +74,7 @@ def peel(update: Update, model: torch.nn.Module, sentences: Sequence[Sequence[in
     if any(name not in update.gradients for name in first):
         return None
     stacked = stacked_gradient(update, first)
-    nuclear, rank = float(torch.linalg.svdvals(stacked).sum()), span_basis(stacked).rank
+    whole = span_basis(stacked)
     classes = int(getattr(model.config, "num_labels", 2))
     kept_ids: list[tuple[int, ...]] = []
     kept_labels: list[int] = []
@@ -83,9 +83,9 @@ def peel(update: Update, model: torch.nn.Module, sentences: Sequence[Sequence[in
         for label in range(classes):
             own = torch.cat(list(_gradients(model, [ids], [label], first, pad_id).values())).double()
             rests.append(stacked - own / meta.batch_size)
-        scores = [(span_basis(rest).rank, float(torch.linalg.svdvals(rest).sum())) for rest in rests]
+        scores = [(span.rank, span.nuclear) for span in map(span_basis, rests)]
         best = min(range(classes), key=scores.__getitem__)
-        if scores[best] < (rank, nuclear):
+        if scores[best] < (whole.rank, whole.nuclear):
             kept_ids.append(tuple(ids))
             kept_labels.append(best)
     if not kept_ids:

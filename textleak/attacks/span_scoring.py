@@ -43,6 +43,12 @@ class SpanBasis:
     rank: int
     gap: float  # sigma[rank-1] / sigma[rank]; inf when the span is the whole space
     noise: float = 0.0  # a true input row's typical relative residual under the update's additive noise (0: none seen)
+    largest: float = 1.0  # the largest singular value, which ``spectrum`` is divided by
+
+    @property
+    def nuclear(self) -> float:
+        """The sum of the singular values (nuclear norm) of the gradient the span was read from."""
+        return self.largest * float(self.spectrum.sum())
 
     @property
     def full(self) -> bool:
@@ -122,7 +128,14 @@ def span_basis(stacked: torch.Tensor, rank_tol: float | None = None) -> SpanBasi
         if rank == 0:
             rank, noise = _noise_bulk(spectrum, tuple(stacked.shape))
     gap = math.inf if rank >= len(spectrum) else float(spectrum[rank - 1] / spectrum[rank].clamp_min(1e-300))
-    return SpanBasis(basis=vh[:rank].T.contiguous(), spectrum=spectrum, rank=min(rank, d), gap=gap, noise=noise)
+    return SpanBasis(
+        basis=vh[:rank].T.contiguous(),
+        spectrum=spectrum,
+        rank=min(rank, d),
+        gap=gap,
+        noise=noise,
+        largest=float(sigma[0]),
+    )
 
 
 def _largest_drop(spectrum: torch.Tensor) -> int:
