@@ -176,11 +176,41 @@ def test_pairing_puts_each_once_seen_token_at_its_position(models):
     assert pairing.single_occurrences(UNIQUE_SHARE) <= once | {(t, 0) for t in bag}
 
 
-def test_pairing_is_skipped_when_a_tied_decoder_adds_to_the_word_gradient(models):
+def test_masked_lm_pairing_projects_the_decoder_out_and_leaves_the_mask_positions_to_the_pool(models):
+    """A tied decoder adds the masked positions' head outputs to every word row: with them projected out, the
+    quiet positions pair as a classifier's do, while the [MASK]-holding (loud) positions share the unplaced weight."""
     target = models[("random:bert-mini", "mlm")]
-    update, truth = _client(target, SENTENCES, "mlm")
+    mask = target.tokenizer.mask_token_id
+    sentences = [*SENTENCES, "dogs bark at night"]
+    update, truth = simulate_client(target, sentences, task="mlm", seed=4, reveal=())
     bag = sorted({t for ids in truth.input_ids for t in ids})
-    assert pair_tokens(update, bag, update.metadata.seq_len) is None
+    assert pair_tokens(update, bag, update.metadata.seq_len) is None  # the decoder is only known to be one via [MASK]
+    pairing = pair_tokens(update, bag, update.metadata.seq_len, mask=mask)
+    assert pairing is not None
+    occurrences = Counter(t for ids in truth.input_ids for t in ids)
+    once = {(t, p) for ids in truth.input_ids for p, t in enumerate(ids) if occurrences[t] == 1}
+    placed = pairing.single_occurrences(UNIQUE_SHARE)
+    assert len(placed & once) >= 5  # none without the projection
+    assert placed <= once | {(t, 0) for t in bag}
+    masked = {p for ids in truth.input_ids for p, t in enumerate(ids) if t == mask}
+    labelled = {p for row in truth.labels for p, label in enumerate(row) if label != -100}
+    loud = {p for p, share in enumerate(pairing.weights[bag.index(mask)].tolist()) if share > 0}
+    assert masked <= loud <= labelled
+
+
+def test_pairing_is_skipped_when_the_word_gradient_is_not_the_input_side_plus_a_decoder(models):
+    """all-tokens labels every position (none is quiet), and noise fills the rows outside the bag."""
+    target = models[("random:bert-tiny", "mlm")]
+    mask = target.tokenizer.mask_token_id
+    update, truth = _client(target, SENTENCES, "all-tokens")
+    bag = sorted({t for ids in truth.input_ids for t in ids})
+    assert pair_tokens(update, bag, update.metadata.seq_len, mask=mask) is None
+    target = models[("random:bert-mini", "mlm")]
+    update, truth = defended_client(
+        target, SENTENCES, task="mlm", seed=3, reveal=(), defenses=["noise:sigma=1e-6"]
+    )
+    bag = sorted({t for ids in truth.input_ids for t in ids})
+    assert pair_tokens(update, bag, update.metadata.seq_len, mask=mask) is None
 
 
 def test_time_limit_returns_the_best_answer_with_a_warning(models):

@@ -199,7 +199,7 @@ class SpanAttack:
         warnings += _rank_warnings(span1, "first")
         types = _token_types(update)
         parts = embedding_parts(model)
-        exclude = _reserved(tok, parts.word.shape[0])
+        exclude = _reserved(tok, parts.word.shape[0], random_inputs=meta.task == "mlm")
         res, ids = candidate_residuals(
             parts, span1, meta.seq_len, types, keep=_keep(cfg, span1), chunk=cfg.chunk, exclude=exclude
         )
@@ -219,7 +219,9 @@ class SpanAttack:
             bag = sorted({t for tokens in passing for t in tokens})
             test = attention_test(model, update, parts, bag, meta.seq_len, types)
             if cfg.pairing:
-                pairing = pair_tokens(update, bag, meta.seq_len, offset=parts.position_offset)
+                pairing = pair_tokens(
+                    update, bag, meta.seq_len, offset=parts.position_offset, mask=tok.mask_token_id
+                )
             timings["pairing"] = time.perf_counter() - clock
             if pairing is not None:
                 passing, paired_count = _paired(passing, pairing, parts, span1, types[0], cfg.pair_floor, threshold)
@@ -515,16 +517,23 @@ def _keep(cfg: SpanConfig, span: SpanBasis) -> int:
     return max(cfg.max_candidates, span.rank + 1) if not span.full else cfg.max_candidates
 
 
-def _reserved(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+def _reserved(tokenizer: Any, vocab_size: int, *, random_inputs: bool = False) -> torch.Tensor:
     """Mask over the model's ``vocab_size`` word rows of entries the tokenizer never emits (BERT's ``[unused17]``
-    and the like, and rows past the tokenizer's vocabulary, which some models pad to a round size)."""
+    and the like, and rows past the tokenizer's vocabulary, which some models pad to a round size).
+
+    ``random_inputs``: the client puts random tokens into its inputs (mlm's 10% random replacements draw uniformly
+    from the tokenizer's whole vocabulary, ``[unused]`` entries included), so only the rows past it are reserved.
+    """
     if vocab_size < len(tokenizer):
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} word embeddings: "
             f"they do not belong together"
         )
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     mask = torch.ones(vocab_size, dtype=torch.bool)
+    if random_inputs:
+        mask[: len(tokenizer)] = False
+        return mask
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     mask[: len(tokens)] = torch.tensor([t is not None and t.startswith("[unused") for t in tokens])
     return mask
 
