@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -60,11 +61,12 @@ def run_setting(target, data, *, task: str, batch_size: int, batches: int, seed:
                 "tokens": sum(len(ids) for ids in truth.input_ids),
                 # mlm: sentences with nothing masked carry no loss, hence no gradient: no attack can see them
                 "unlabelled_sentences": _unlabelled(truth.labels) if task == "mlm" else 0,
+                "exact_match_live": _exact_live(result.token_ids, truth, task),
                 "warnings": result.warnings,
             }
         )
     keys = ("rouge1", "rouge2", "exact_match", "token_accuracy", "rouge1_with_special", "seconds", "tokens",
-            "unlabelled_sentences")
+            "unlabelled_sentences", "exact_match_live")
     summary = {k: statistics.fmean(r[k] for r in rows) for k in keys} if rows else {}
     summary["max_seconds"] = max((r["seconds"] for r in rows), default=0.0)
     summary["batches"] = len(rows)
@@ -75,6 +77,20 @@ def run_setting(target, data, *, task: str, batch_size: int, batches: int, seed:
 
 def _unlabelled(labels: tuple) -> int:
     return sum(all(label == -100 for label in row) for row in labels)
+
+
+def _exact_live(answer: list[list[int]], truth, task: str) -> float:
+    """Exact matches among the sentences that reached the gradient (for mlm those with a masked token; for the
+    other tasks all of them), each answer sentence matching at most one private sentence."""
+    live = [ids for ids, labels in zip(truth.original_ids, truth.labels, strict=True)
+            if task != "mlm" or not all(label == -100 for label in labels)]
+    pool = Counter(tuple(ids) for ids in answer)
+    hits = 0
+    for ids in live:
+        if pool[tuple(ids)] > 0:
+            pool[tuple(ids)] -= 1
+            hits += 1
+    return hits / len(live) if live else 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{row['model']:>18} {row['task']:>14} {row['dataset']:>5} B={row['batch_size']:<2} "
             f"R1 {100 * row.get('rouge1', 0):5.1f} R2 {100 * row.get('rouge2', 0):5.1f} "
-            f"EM {100 * row.get('exact_match', 0):5.1f} TA {100 * row.get('token_accuracy', 0):5.1f} "
+            f"EM {100 * row.get('exact_match', 0):5.1f} (live {100 * row.get('exact_match_live', 0):5.1f}) "
+            f"TA {100 * row.get('token_accuracy', 0):5.1f} "
             f"{row.get('seconds', 0):6.2f} s/batch, unlabelled {row.get('unlabelled_sentences', 0):.1f}/batch"
         )
     return 0

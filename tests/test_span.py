@@ -342,3 +342,22 @@ def test_word_rows_past_the_tokenizer_are_never_proposed_and_too_few_are_refused
     update, _ = simulate_client(short, SENTENCES, task="classification", labels=[0, 1], seed=0, reveal=())
     with pytest.raises(ValueError, match="30522 tokens but the model only 30000 word embeddings"):
         SpanAttack().reconstruct(update, short)
+
+
+@pytest.mark.parametrize("task", ["mlm", "classification"])
+def test_search_stops_once_the_found_sentences_span_the_second_layer(models, task):
+    """A sentence that sends no rows of its own (mlm: nothing masked in it; or a repeat) cannot be found: the search
+    ends when the found sentences account for the whole second-layer span instead of running out its time limit."""
+    target = models[("random:bert-mini", "classification" if task == "classification" else "mlm")]
+    if task == "mlm":
+        sentences = [*SENTENCES, "dogs bark at night"]
+        update, truth = simulate_client(target, sentences, task="mlm", seed=0, reveal=())
+        live = [ids for ids, row in zip(truth.original_ids, truth.labels, strict=True) if any(y != -100 for y in row)]
+        assert len(live) == 2  # this draw masks nothing in the third sentence
+    else:
+        update, truth = simulate_client(target, [*SENTENCES, SENTENCES[0]], task=task, seed=0, reveal=())
+        live = truth.original_ids
+    result = SpanAttack(time_limit=30, peel=False).reconstruct(update, target)
+    assert all(list(ids) in result.token_ids for ids in live)
+    assert not any("time limit" in w for w in result.warnings)
+    assert any("distinct sentences" in w for w in result.warnings)

@@ -355,7 +355,7 @@ class SpanAttack:
             rejected += more
         if not accepted and not rejected:  # the time limit struck before any search: layer-1 favourites
             rejected = [Found(tuple(options[0] for options in options_for(lengths[0], [])), math.inf)]
-        if search.expired and len(accepted) < meta.batch_size:
+        if search.out_of_time and len(accepted) < meta.batch_size:
             warnings.append(f"the sentence search ran out of its {cfg.time_limit} s time limit")
         sentences = _complete(accepted, rejected, meta.batch_size, warnings)
         timings["assembly"] = time.perf_counter() - clock

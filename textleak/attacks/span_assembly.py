@@ -56,6 +56,9 @@ NEAR = 0.08
 WIDEN_POSITIONS = 4
 #: Worst rows whose positions ``swap`` exchanges pairwise.
 SWAP_POSITIONS = 8
+#: Singular values of the passed sentences' first-layer outputs below this fraction of the largest are float32
+#: rounding, not a direction of the second layer's span.
+SETTLED_RTOL = 1e-5
 
 
 def attention_accept(accept: float) -> float:
@@ -97,11 +100,31 @@ class SentenceSearch:
         self.max_sweeps, self.restarts, self.block, self.batch = max_sweeps, restarts, block, batch
         self.generator = torch.Generator().manual_seed(seed)
         self.deadline = math.inf if time_limit is None else time.perf_counter() + time_limit
+        self._passed: dict[tuple[int, ...], torch.Tensor] = {}
+        self.settled = False
 
     @property
     def expired(self) -> bool:
-        """Whether the search's time budget is spent (it then returns the best it has)."""
+        """Whether the search is over: its time budget is spent (it then returns the best it has), or ``settled``."""
+        return self.settled or self.out_of_time
+
+    @property
+    def out_of_time(self) -> bool:
+        """Whether the search's time budget is spent."""
         return time.perf_counter() > self.deadline
+
+    def _note(self, sentences: torch.Tensor, worst: torch.Tensor) -> None:
+        """Keep the first-layer outputs of sentences that pass; once they span the second layer's whole span, every
+        sentence that reached the gradient is found (``settled``): an mlm sentence with nothing masked, or a
+        repeat, sends no rows of its own, and searching on for it would only spend the time limit."""
+        for index in (worst <= self.accept).nonzero().flatten().tolist():
+            ids = tuple(sentences[index].tolist())
+            if ids in self._passed:
+                continue
+            self._passed[ids] = self.first(sentences[index : index + 1])[0].to(torch.float64)
+            rows = torch.cat(list(self._passed.values()))
+            if len(rows) >= self.span.rank and int(torch.linalg.matrix_rank(rows, rtol=SETTLED_RTOL)) >= self.span.rank:
+                self.settled = True
 
     def rows(self, sentences: torch.Tensor) -> torch.Tensor:
         """(n, L): each first-layer output row's relative residual against the second layer's span."""
@@ -119,6 +142,7 @@ class SentenceSearch:
             rows = self.rows(sentences[start : start + self.batch])
             objective.append(_objective(rows))
             worst.append(rows.amax(dim=-1))
+            self._note(sentences[start : start + self.batch], worst[-1])
         return torch.cat(objective), torch.cat(worst)
 
     def search(
