@@ -274,7 +274,9 @@ class SpanAttack:
         ends = lengths
         if pairing is not None:  # the B [SEP] ends with the largest pairing shares: each ends a sentence
             shares = {p + 1: w for p in range(len(passing)) for t, w in pairing.ranked(p, ANCHOR_SEP_SHARE) if t == sep}
-            top = sorted(shares, key=shares.__getitem__, reverse=True)[: meta.batch_size]
+            # equal shares (an mlm pairing pools what it cannot place over the [MASK] positions): layer 1's order
+            rank = {n: i for i, n in enumerate(lengths)}
+            top = sorted(shares, key=lambda n: (-shares[n], rank.get(n, len(rank))))[: meta.batch_size]
             ends = [n for n in lengths if n in top] or lengths
 
         def widths(length: int, accepted: list[Found]) -> list[int]:

@@ -116,7 +116,10 @@ class SentenceSearch:
     def _note(self, sentences: torch.Tensor, worst: torch.Tensor) -> None:
         """Keep the first-layer outputs of sentences that pass; once they span the second layer's whole span, every
         sentence that reached the gradient is found (``settled``): an mlm sentence with nothing masked, or a
-        repeat, sends no rows of its own, and searching on for it would only spend the time limit."""
+        repeat, sends no rows of its own, and searching on for it would only spend the time limit. Clean updates
+        only: under noise the span's rank undercounts the rows."""
+        if self.span.noise > 0:  # noise hides some of a sentence's directions: the rank undercounts the rows
+            return
         for index in (worst <= self.accept).nonzero().flatten().tolist():
             ids = tuple(sentences[index].tolist())
             if ids in self._passed:

@@ -23,6 +23,7 @@ share >= 0.9 are right, about 40 per batch).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,13 +133,15 @@ def _decoder_complement(word: torch.Tensor, bag: list[int]) -> torch.Tensor | No
 
 def _loud(targets: torch.Tensor) -> torch.Tensor | None:
     """Positions whose gradient norm stands above the rest by the largest gap in log norm (the [MASK]-holding
-    ones), or None when no gap of ``LOUD_GAP`` separates them."""
-    logs = targets.norm(dim=1).clamp_min(1e-300).log()
-    ordered = logs.sort().values
+    ones), or None when no gap of ``LOUD_GAP`` separates them. Positions no live sentence reaches (zero gradient:
+    padding, or a sentence with nothing masked) are quiet and take no part in the split."""
+    norms = targets.norm(dim=1)
+    live = norms > 0
+    ordered = norms[live].log().sort().values
     gaps = ordered[1:] - ordered[:-1]
-    if len(gaps) == 0 or float(gaps.max()) < torch.log(torch.tensor(LOUD_GAP)):
+    if len(gaps) == 0 or float(gaps.max()) < math.log(LOUD_GAP):
         return None
-    return logs > ordered[int(gaps.argmax())]
+    return live & (norms.clamp_min(1e-300).log() > ordered[int(gaps.argmax())])
 
 
 def _pair_masked(
