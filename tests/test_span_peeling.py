@@ -1,4 +1,4 @@
-"""Peeling found sentences off a classification update: the rest is the update of the other sentences alone."""
+"""Peeling found sentences off a classification or mlm update: the rest is the update of the other sentences alone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from textleak.attacks.span import SpanAttack
 from textleak.attacks.span_peeling import peel, peel_refusal
-from textleak.client import simulate_client
+from textleak.client import ClientBatch, batch_gradients, encode_batch, simulate_client
 from textleak.defenses.client import defended_client
 from textleak.models import load_model
 
@@ -23,7 +23,7 @@ def mini():
 def test_peeling_a_true_sentence_leaves_the_update_of_the_others_alone(mini):
     update, truth = simulate_client(mini, SENTENCES, task="classification", labels=LABELS, seed=0, reveal=())
     others, _ = simulate_client(mini, SENTENCES[1:], task="classification", labels=LABELS[1:], seed=0, reveal=())
-    peeled = peel(update, mini.model, [truth.input_ids[0]], mini.tokenizer.pad_token_id)
+    peeled = peel(update, mini, [truth.input_ids[0]])
     assert peeled is not None
     assert peeled.labels == (1,) and peeled.ids == (tuple(truth.input_ids[0]),)
     assert peeled.update.metadata.batch_size == 2
@@ -38,10 +38,10 @@ def test_peeling_a_true_sentence_leaves_the_update_of_the_others_alone(mini):
 def test_each_sentence_gets_its_own_label_and_a_stranger_is_not_peeled(mini):
     update, truth = simulate_client(mini, SENTENCES, task="classification", labels=LABELS, seed=0, reveal=())
     stranger = mini.tokenizer("a sentence that is not in the batch")["input_ids"]
-    peeled = peel(update, mini.model, [truth.input_ids[1], stranger, truth.input_ids[2]], mini.tokenizer.pad_token_id)
+    peeled = peel(update, mini, [truth.input_ids[1], stranger, truth.input_ids[2]])
     assert peeled is not None
     assert peeled.ids == (tuple(truth.input_ids[1]), tuple(truth.input_ids[2])) and peeled.labels == (0, 1)
-    assert peel(update, mini.model, [stranger], mini.tokenizer.pad_token_id) is None
+    assert peel(update, mini, [stranger]) is None
 
 
 def test_only_updates_linear_in_the_batch_are_peeled(mini):
@@ -49,10 +49,30 @@ def test_only_updates_linear_in_the_batch_are_peeled(mini):
     assert peel_refusal(noised) is None
     pruned, truth = defended_client(mini, SENTENCES, task="classification", labels=LABELS, defenses=["prune:ratio=0.5"])
     assert "prune" in peel_refusal(pruned)
-    assert peel(pruned, mini.model, [truth.input_ids[0]], mini.tokenizer.pad_token_id) is None
+    assert peel(pruned, mini, [truth.input_ids[0]]) is None
     lm = load_model("random:bert-mini", head="mlm")
-    masked, _ = simulate_client(lm, SENTENCES, task="mlm", seed=0, reveal=())
-    assert "mlm" in peel_refusal(masked)
+    every, _ = simulate_client(lm, SENTENCES, task="all-tokens", seed=0, reveal=())
+    assert "all-tokens" in peel_refusal(every)
+
+
+def test_an_mlm_sentence_is_peeled_with_the_labels_its_head_gradients_show():
+    """The masked positions and their labels are read per sentence; the rest is the others' update under the same
+    masks, averaged over their own masked positions."""
+    lm = load_model("random:bert-mini", head="mlm")
+    update, truth = simulate_client(lm, SENTENCES, task="mlm", seed=3, reveal=())
+    assert all(any(y != -100 for y in row) for row in truth.labels)  # this draw masks something in every sentence
+    peeled = peel(update, lm, [truth.input_ids[0]])
+    assert peeled is not None
+    length = len(truth.input_ids[0])
+    assert peeled.labels == (truth.labels[0][:length],)
+    assert peeled.originals == (truth.original_ids[0],)
+    batch, _ = encode_batch(lm.tokenizer, SENTENCES, task="mlm", seed=3)
+    rest = ClientBatch(batch.input_ids[1:], batch.attention_mask[1:], batch.token_type_ids[1:], batch.labels[1:], "mlm")
+    expected = batch_gradients(lm.model, rest)
+    assert peeled.update.metadata.batch_size == 2
+    for name, want in expected.items():
+        got = peeled.update.gradients[name]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max() + 1e-9, name
 
 
 def test_the_span_attack_peels_what_it_finds_and_reads_the_rest(mini):

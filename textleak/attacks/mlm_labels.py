@@ -5,6 +5,11 @@ over the n masked positions, so every head gradient is linear in the one-hot lab
 ``w[i, v] = [position i masked with label v] / n`` the head-transform and decoder-bias gradients are
 ``sum w[i, v] D[i, v]``. Non-negative least squares over the label bag (the negative decoder-bias entries) and the
 plausible positions recovers w; its row sums are 1/n at masked positions and 0 elsewhere.
+
+One sentence's labels can also be read alone, before the rest of the batch is known (``sentence_labels``, for
+peeling): the head's dense weight gradient ``sum_m delta_m h_m^T`` over the masked positions m has the inputs h_m
+as its row space and the output gradients delta_m as its column space. A position of the sentence is masked exactly
+when its last hidden state lies in the row space, and its label is the one whose delta lies in the column space.
 """
 
 from __future__ import annotations
@@ -17,12 +22,18 @@ from scipy.optimize import nnls
 
 from textleak.attacks.leakage import label_bag, output_bias_gradient
 from textleak.models import LoadedModel
+from textleak.tasks import IGNORE_INDEX
 from textleak.update import Update
 
 #: Above this many (position, label) unknowns only [MASK] positions and positions holding a label token are tried.
 MAX_UNKNOWNS = 3000
 #: Random right-projection width for the head's dense weight gradient (d x d -> d x PROJECT equations).
 PROJECT = 8
+#: A hidden state or output gradient within this relative residual of the dense weight gradient's row or column
+#: space belongs to it (true ones: about 1e-6 in float32; others: 1e-1 and more).
+IN_SPAN = 1e-3
+#: Singular values of the dense weight gradient below this fraction of the largest are float32 rounding.
+HEAD_RANK_TOL = 1e-5
 
 
 def recover_originals(
@@ -65,6 +76,71 @@ def recover_originals(
     if unplaced:
         warnings.append(f"{len(unplaced)} label token(s) could not be placed")
     return originals, {"mlm_labels": labels, "mlm_placed": sorted(placed), "mlm_fit": float(fit)}, warnings
+
+
+def sentence_labels(update: Update, target: LoadedModel, ids: list[int]) -> tuple[list[int], int] | None:
+    """One sentence's masked-LM labels read from the head's gradients alone: per position the label, or
+    ``IGNORE_INDEX`` where nothing was masked; and n, the batch's number of masked positions (the dense gradient's
+    rank). None when the update lacks the head's gradients, a masked position's label is not clear, or the sentence
+    has no masked position (it sent no gradient)."""
+    labels = label_bag(update)
+    tok, model = target.tokenizer, target.model
+    head = _head_parts(model, update)
+    if not labels or head is None:
+        return None
+    grad = head["grads"]["dense.weight"].to(torch.float64)
+    left, values, right = torch.linalg.svd(grad, full_matrices=False)
+    rank = int((values > values[0] * HEAD_RANK_TOL).sum())
+    if rank >= min(grad.shape):
+        return None
+    columns, rows = left[:, :rank], right[:rank].T
+    with torch.no_grad():
+        batch = torch.tensor([ids])
+        hidden = model.base_model(input_ids=batch, token_type_ids=torch.zeros_like(batch))[0][0].to(torch.float64)
+    masked = [p for p in range(len(ids)) if ids[p] not in (tok.cls_token_id, tok.sep_token_id)
+              and _off(hidden[p : p + 1], rows)[0] <= IN_SPAN]
+    if not masked:
+        return None
+    deltas = _output_gradients(model, head, hidden[masked], labels)  # (labels, masked, d)
+    off = _off(deltas.reshape(-1, deltas.shape[-1]), columns).view(len(labels), len(masked))
+    best = off.argmin(0)
+    if bool((off.gather(0, best[None])[0] > IN_SPAN).any()):
+        return None
+    out = [IGNORE_INDEX] * len(ids)
+    for p, k in zip(masked, best.tolist(), strict=True):
+        out[p] = labels[k]
+    return out, rank
+
+
+def _off(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Relative residual of each row of ``vectors`` against the orthonormal columns of ``basis``."""
+    rest = vectors - (vectors @ basis) @ basis.T
+    return rest.norm(dim=-1) / vectors.norm(dim=-1).clamp_min(1e-300)
+
+
+def _output_gradients(
+    model: torch.nn.Module, head: dict[str, Any], hidden: torch.Tensor, labels: list[int]
+) -> torch.Tensor:
+    """(labels, positions, d): the loss gradient at the head's dense output for each label at each position, up to
+    the 1/n of the mean."""
+    transform = head["transform"]
+    pre = (hidden @ transform.dense.weight.detach().to(torch.float64).T
+           + transform.dense.bias.detach().to(torch.float64)).requires_grad_(True)
+    out = _normalised(transform, pre)
+    embed = model.get_output_embeddings().weight.detach().to(torch.float64)
+    bias = model.get_output_embeddings().bias.detach().to(torch.float64)
+    probs = torch.softmax(out @ embed.T + bias, dim=-1)
+    g_out = (probs @ embed)[None] - embed[torch.tensor(labels)][:, None]
+    (delta,) = torch.autograd.grad(out, pre, grad_outputs=g_out.detach(), is_grads_batched=True)
+    return delta
+
+
+def _normalised(transform: torch.nn.Module, pre: torch.Tensor) -> torch.Tensor:
+    """The head transform after its dense layer: activation, then LayerNorm, in float64."""
+    act = transform.transform_act_fn(pre)
+    norm = transform.LayerNorm
+    normed = torch.nn.functional.layer_norm(act, act.shape[-1:], eps=norm.eps)
+    return normed * norm.weight.detach().to(torch.float64) + norm.bias.detach().to(torch.float64)
 
 
 def _count(rows: np.ndarray) -> int:

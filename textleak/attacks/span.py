@@ -419,7 +419,7 @@ class SpanAttack:
         if not cfg.peel or not 0 < len(found) < update.metadata.batch_size:
             return None
         clock = time.perf_counter()
-        peeled = peel(update, target.model, [f.ids for f in found], target.tokenizer.pad_token_id)
+        peeled = peel(update, target, [f.ids for f in found])
         timings["peel"] = timings.get("peel", 0.0) + time.perf_counter() - clock
         if peeled is None:
             return None
@@ -430,9 +430,11 @@ class SpanAttack:
                 return None
         rest = self._reconstruct(peeled.update, target, None, deadline)
         scores = {f.ids: f.score for f in found}
-        token_ids = [list(ids) for ids in peeled.ids] + rest.token_ids
+        token_ids = [list(ids) for ids in peeled.originals] + rest.token_ids
         details = {
             **rest.details,
+            **({"input_ids": [list(ids) for ids in peeled.ids] + rest.details.get("input_ids", rest.token_ids)}
+               if update.metadata.task == "mlm" else {}),
             "peeled_sentences": len(peeled.ids) + rest.details.get("peeled_sentences", 0),
             "peeled_labels": [*peeled.labels, *rest.details.get("peeled_labels", [])],
             "lengths": [len(ids) for ids in token_ids],

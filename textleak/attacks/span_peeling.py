@@ -11,20 +11,29 @@ smaller batch, which the span attack reads far more easily: fewer candidates per
 39-token SST-2 sentence that a 240 s search misses at B=4 is read in under a second once its three companions are
 peeled.
 
-Only updates linear in the batch can be peeled: plain classification gradients, also after additive noise or with
-frozen tensors left out. mlm updates are not (their random masks are unknown), nor are clipped, pruned, quantised,
-locally trained or aggregated ones.
+A masked-LM client sends the mean over its batch's masked positions. A found sentence's own masked positions and
+their labels are read off the head's gradients alone (``mlm_labels.sentence_labels``), and so is their number n
+over the batch; its gradient is then subtracted with weight (its masked positions) / n, exactly as a label would
+be for a classifier.
+
+Only updates linear in the batch can be peeled: plain classification and mlm gradients, also after additive noise or
+with frozen tensors left out (the labels must still be read, which noise hides for mlm). Clipped, pruned,
+quantised, locally trained or aggregated updates cannot be, nor all-tokens ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from textleak.attacks.mlm_labels import sentence_labels
 from textleak.attacks.span_scoring import qkv_gradient_names, span_basis, stacked_gradient
 from textleak.client import ClientBatch, batch_loss
+from textleak.models import LoadedModel
+from textleak.tasks import IGNORE_INDEX
 from textleak.update import Update
 
 #: An embedding-table row left with at most this fraction of its norm held only peeled sentences' tokens: it is
@@ -33,22 +42,26 @@ from textleak.update import Update
 ROW_FLOOR = 1e-4
 #: Defenses after which an update is still the plain batch mean (plus noise, or less the tensors left out).
 LINEAR_DEFENSES = ("noise", "freeze")
+#: Tasks whose labels the attacker can read per sentence.
+PEELABLE_TASKS = ("classification", "mlm")
 
 
 @dataclass(frozen=True)
 class Peeled:
-    """The update of the batch's other sentences, and the sentences taken out with the labels read for them."""
+    """The update of the batch's other sentences, and the sentences taken out with the labels read for them (mlm: per
+    position, ``IGNORE_INDEX`` where nothing was masked) and their original text (mlm: labels put back)."""
 
     update: Update
     ids: tuple[tuple[int, ...], ...]
-    labels: tuple[int, ...]
+    labels: tuple[object, ...]
+    originals: tuple[tuple[int, ...], ...]
 
 
 def peel_refusal(update: Update) -> str | None:
     """Why ``update`` cannot be peeled, or None when it can."""
     meta = update.metadata
-    if meta.task != "classification":
-        return f"a {meta.task} update depends on labels the attacker cannot compute (only classification peels)"
+    if meta.task not in PEELABLE_TASKS:
+        return f"a {meta.task} update cannot be peeled (only {', '.join(PEELABLE_TASKS)} ones)"
     if meta.kind != "gradient":
         return f"a {meta.kind} update is not the batch's mean gradient"
     other = sorted({d.get("name", "?") for d in meta.defenses} - set(LINEAR_DEFENSES))
@@ -57,63 +70,101 @@ def peel_refusal(update: Update) -> str | None:
     return None
 
 
-def peel(update: Update, model: torch.nn.Module, sentences: Sequence[Sequence[int]], pad_id: int) -> Peeled | None:
+def peel(update: Update, target: LoadedModel, sentences: Sequence[Sequence[int]]) -> Peeled | None:
     """``update`` less the gradients of those ``sentences`` whose label the first layer's span confirms.
 
-    Each sentence is tried with every label on its own, scored by the first layer's rank, then its nuclear norm:
-    the best label is kept if it lowers that score below the update's. The rank decides wherever it moves (also
-    under noise sigma 1e-5 on MiniLM); the norm breaks ties, as when noise hides a sentence's rows below the bulk's
-    edge. The norm alone is not enough: on a random BERT it can favour a wrong label, or a sentence not in the
-    batch, whose rows raise the rank. A sentence no label lowers the score for stays in. None when the update cannot
-    be peeled or no sentence qualifies.
+    Each sentence is tried with every label (classification) or with the labels its head gradients show (mlm) on
+    its own, scored by the first layer's rank, then its nuclear norm: the best label is kept if it lowers that score
+    below the update's. The rank decides wherever it moves (also under noise sigma 1e-5 on MiniLM); the norm breaks
+    ties, as when noise hides a sentence's rows below the bulk's edge. The norm alone is not enough: on a random
+    BERT it can favour a wrong label, or a sentence not in the batch, whose rows raise the rank. A sentence no label
+    lowers the score for stays in. None when the update cannot be peeled or no sentence qualifies.
     """
     if peel_refusal(update) is not None or not sentences:
         return None
-    meta = update.metadata
+    model, pad_id, task = target.model, target.tokenizer.pad_token_id, update.metadata.task
     first = qkv_gradient_names(model, 0)
     if any(name not in update.gradients for name in first):
         return None
     stacked = stacked_gradient(update, first)
     whole = span_basis(stacked)
-    classes = int(getattr(model.config, "num_labels", 2))
+    slots = update.metadata.batch_size  # labelled slots the update averages over: sentences, or masked positions
     kept_ids: list[tuple[int, ...]] = []
-    kept_labels: list[int] = []
+    kept_labels: list[Any] = []
     for ids in sentences:
+        options = _label_options(update, target, ids)
+        if not options:
+            continue
         rests = []
-        for label in range(classes):
-            own = torch.cat(list(_gradients(model, [ids], [label], first, pad_id).values())).double()
-            rests.append(stacked - own / meta.batch_size)
+        for label, total in options:
+            own = torch.cat(list(_gradients(model, [ids], [label], first, pad_id, task).values())).double()
+            rests.append(stacked - own * _slots(label) / total)
         scores = [(span.rank, span.nuclear) for span in map(span_basis, rests)]
-        best = min(range(classes), key=scores.__getitem__)
+        best = min(range(len(options)), key=scores.__getitem__)
         if scores[best] < (whole.rank, whole.nuclear):
             kept_ids.append(tuple(ids))
-            kept_labels.append(best)
-    if not kept_ids:
+            kept_labels.append(options[best][0])
+            slots = options[best][1]
+    taken_slots = sum(map(_slots, kept_labels))
+    if not kept_ids or taken_slots >= slots:  # nothing to take, or nothing would be left
         return None
     names = list(update.gradients)
-    taken = _gradients(model, kept_ids, kept_labels, names, pad_id)
-    # the update is the mean over the batch, ``taken`` the mean over the peeled ones: the rest is sent as the mean
-    # over its own sentences, exactly the update a client holding only them would send
-    left = meta.batch_size - len(kept_ids)
+    taken = _gradients(model, kept_ids, kept_labels, names, pad_id, task)
+    # the update is the mean over the batch's slots, ``taken`` the mean over the peeled ones': the rest is sent as the
+    # mean over its own slots, exactly the update a client holding only its sentences would send
     rest = {
-        name: _less(update.gradients[name] * meta.batch_size, taken[name] * len(kept_ids), name) / left
+        name: _less(update.gradients[name] * slots, taken[name] * taken_slots, name) / (slots - taken_slots)
         for name in names
     }
-    residual = update.with_gradients(rest, batch_size=left)
-    return Peeled(residual, tuple(kept_ids), tuple(kept_labels))
+    residual = update.with_gradients(rest, batch_size=update.metadata.batch_size - len(kept_ids))
+    originals = tuple(map(_original, kept_ids, kept_labels))
+    return Peeled(residual, tuple(kept_ids), tuple(kept_labels), originals)
+
+
+def _original(ids: tuple[int, ...], label: Any) -> tuple[int, ...]:
+    """The sentence before masking: mlm labels put back at their positions (a classifier's input is its text)."""
+    if isinstance(label, int):
+        return ids
+    return tuple(t if y == IGNORE_INDEX else y for t, y in zip(ids, label, strict=True))
+
+
+def _label_options(update: Update, target: LoadedModel, ids: Sequence[int]) -> list[tuple[Any, int]]:
+    """(label, labelled slots in the whole batch) pairs to try for one sentence: every class of a classifier, or
+    the masked-LM labels its head gradients show (none when they show none)."""
+    if update.metadata.task == "classification":
+        classes = int(getattr(target.model.config, "num_labels", 2))
+        return [(label, update.metadata.batch_size) for label in range(classes)]
+    read = sentence_labels(update, target, list(ids))
+    return [] if read is None else [(tuple(read[0]), read[1])]
+
+
+def _slots(label: Any) -> int:
+    """Labelled slots of one sentence: 1 for a class, its masked positions for mlm labels."""
+    return 1 if isinstance(label, int) else sum(y != IGNORE_INDEX for y in label)
 
 
 def _gradients(
-    model: torch.nn.Module, sentences: Sequence[Sequence[int]], labels: Sequence[int], names: Sequence[str], pad_id: int
+    model: torch.nn.Module,
+    sentences: Sequence[Sequence[int]],
+    labels: Sequence[Any],
+    names: Sequence[str],
+    pad_id: int,
+    task: str,
 ) -> dict[str, torch.Tensor]:
-    """Gradients of ``names`` for the mean classification loss of ``sentences`` (padded as the client pads)."""
+    """Gradients of ``names`` for the mean loss over the labelled slots of ``sentences`` (padded as the client
+    pads)."""
     length = max(len(ids) for ids in sentences)
     input_ids = torch.full((len(sentences), length), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
-    for row, ids in enumerate(sentences):
+    targets = torch.full((len(sentences), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, label) in enumerate(zip(sentences, labels, strict=True)):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention[row, : len(ids)] = 1
-    batch = ClientBatch(input_ids, attention, torch.zeros_like(input_ids), torch.tensor(list(labels)), "classification")
+        if task != "classification":
+            targets[row, : len(ids)] = torch.tensor(label)
+    if task == "classification":
+        targets = torch.tensor(list(labels))
+    batch = ClientBatch(input_ids, attention, torch.zeros_like(input_ids), targets, task)
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(batch_loss(model, batch), [params[n] for n in names], allow_unused=True)
     return {n: (torch.zeros_like(params[n]) if g is None else g.detach()) for n, g in zip(names, grads, strict=True)}
