@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from textleak.attacks.mlm_labels import sentence_labels
 from textleak.attacks.span import SpanAttack
 from textleak.attacks.span_peeling import peel, peel_refusal
 from textleak.client import ClientBatch, batch_gradients, encode_batch, simulate_client
@@ -88,3 +89,16 @@ def test_the_span_attack_peels_what_it_finds_and_reads_the_rest(mini):
     unpeeled = SpanAttack(seed=0, peel=False).reconstruct(update, mini)
     assert sorted(map(tuple, unpeeled.token_ids)) == sorted(map(tuple, truth.input_ids))
     assert "peeled_sentences" not in unpeeled.details
+
+
+def test_mlm_labels_are_read_only_for_sentences_that_sent_a_gradient():
+    """A sentence with nothing masked has no hidden state in the head's row space: no labels, nothing to peel."""
+    lm = load_model("random:bert-mini", head="mlm")
+    update, truth = simulate_client(lm, SENTENCES, task="mlm", seed=4, reveal=())
+    counts = [sum(y != -100 for y in row) for row in truth.labels]
+    assert counts[2] == 0 and counts[0] > 0  # this draw masks nothing in the third sentence
+    assert sentence_labels(update, lm, list(truth.input_ids[2])) is None
+    labels, masked = sentence_labels(update, lm, list(truth.input_ids[0]))
+    assert labels == list(truth.labels[0][: len(truth.input_ids[0])])
+    assert masked == sum(counts)
+    assert peel(update, lm, [truth.input_ids[2]]) is None

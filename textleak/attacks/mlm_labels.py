@@ -101,7 +101,7 @@ def sentence_labels(update: Update, target: LoadedModel, ids: list[int]) -> tupl
               and _off(hidden[p : p + 1], rows)[0] <= IN_SPAN]
     if not masked:
         return None
-    deltas = _output_gradients(model, head, hidden[masked], labels)  # (labels, masked, d)
+    deltas = _head_pass(model, head["transform"], hidden[masked], labels)[3]  # (labels, masked, d)
     off = _off(deltas.reshape(-1, deltas.shape[-1]), columns).view(len(labels), len(masked))
     best = off.argmin(0)
     if bool((off.gather(0, best[None])[0] > IN_SPAN).any()):
@@ -118,29 +118,23 @@ def _off(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return rest.norm(dim=-1) / vectors.norm(dim=-1).clamp_min(1e-300)
 
 
-def _output_gradients(
-    model: torch.nn.Module, head: dict[str, Any], hidden: torch.Tensor, labels: list[int]
-) -> torch.Tensor:
-    """(labels, positions, d): the loss gradient at the head's dense output for each label at each position, up to
-    the 1/n of the mean."""
-    transform = head["transform"]
+def _head_pass(
+    model: torch.nn.Module, transform: torch.nn.Module, hidden: torch.Tensor, labels: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The head on last hidden states (positions, d), in float64: the LayerNorm's normalised output, the predicted
+    probabilities, and per label and position the loss gradient at the transform's output and at its dense layer's
+    output (labels, positions, d), up to the mean's 1/n."""
     pre = (hidden @ transform.dense.weight.detach().to(torch.float64).T
            + transform.dense.bias.detach().to(torch.float64)).requires_grad_(True)
-    out = _normalised(transform, pre)
-    embed = model.get_output_embeddings().weight.detach().to(torch.float64)
-    bias = model.get_output_embeddings().bias.detach().to(torch.float64)
-    probs = torch.softmax(out @ embed.T + bias, dim=-1)
-    g_out = (probs @ embed)[None] - embed[torch.tensor(labels)][:, None]
-    (delta,) = torch.autograd.grad(out, pre, grad_outputs=g_out.detach(), is_grads_batched=True)
-    return delta
-
-
-def _normalised(transform: torch.nn.Module, pre: torch.Tensor) -> torch.Tensor:
-    """The head transform after its dense layer: activation, then LayerNorm, in float64."""
     act = transform.transform_act_fn(pre)
     norm = transform.LayerNorm
     normed = torch.nn.functional.layer_norm(act, act.shape[-1:], eps=norm.eps)
-    return normed * norm.weight.detach().to(torch.float64) + norm.bias.detach().to(torch.float64)
+    out = normed * norm.weight.detach().to(torch.float64) + norm.bias.detach().to(torch.float64)
+    embed = model.get_output_embeddings().weight.detach().to(torch.float64)
+    probs = torch.softmax(out @ embed.T + model.get_output_embeddings().bias.detach().to(torch.float64), dim=-1)
+    g_out = ((probs @ embed)[None] - embed[torch.tensor(labels)][:, None]).detach()
+    (delta,) = torch.autograd.grad(out, pre, grad_outputs=g_out, is_grads_batched=True)
+    return normed.detach(), probs.detach(), g_out, delta
 
 
 def _count(rows: np.ndarray) -> int:
@@ -188,26 +182,16 @@ def _system(
     with torch.no_grad():
         hidden = model.base_model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))[0]
     h = hidden[[b for b, _ in slots], [p for _, p in slots]].to(torch.float64)  # (S, d)
-    transform = head["transform"]
-    weight = transform.dense.weight.detach().to(torch.float64).requires_grad_(True)
-    pre = (h @ weight.T + transform.dense.bias.detach().to(torch.float64)).requires_grad_(True)
-    act = transform.transform_act_fn(pre)
-    norm = transform.LayerNorm
-    normed = torch.nn.functional.layer_norm(act, act.shape[-1:], eps=norm.eps)
-    out = normed * norm.weight.detach().to(torch.float64) + norm.bias.detach().to(torch.float64)
-    embed = model.get_output_embeddings().weight.detach().to(torch.float64)
+    normed, probs, g_out, delta = _head_pass(model, head["transform"], h, labels)  # g_out, delta: (Y, S, d)
     bias = head["bias"].detach().to(torch.float64)
-    probs = torch.softmax(out @ embed.T + model.get_output_embeddings().bias.detach().to(torch.float64), dim=-1)
     label_idx = torch.tensor(labels)
-    g_out = (probs @ embed)[None] - embed[label_idx][:, None]  # (Y, S, d): d loss / d out
-    (delta,) = torch.autograd.grad(out, pre, grad_outputs=g_out, is_grads_batched=True)  # (Y, S, d)
     omega = torch.randn(h.shape[1], PROJECT, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     h_proj = h @ omega  # (S, k)
     onehot = torch.eye(len(labels), dtype=torch.float64)
     features = [
         delta,
         (delta[..., :, None] * h_proj[None, :, None, :]).flatten(2),
-        g_out * normed.detach()[None],
+        g_out * normed[None],
         g_out,
         (probs[:, label_idx][None] - onehot[:, None, :]),
     ]
