@@ -97,8 +97,8 @@ class SpanConfig:
     seconds for the sentence search, after which the best answer so far is returned with a warning (None: no limit).
     context: before the quick pass, propose whole sentences around tokens that occur once from the first attention
     layer's output-projection gradient (span_context; needs pairing and attention), finished by the second-layer
-    search. peel: once some sentences of a classification batch are accepted, subtract their gradients and attack
-    the rest of the batch as a smaller one (span_peeling), within what is left of ``time_limit``.
+    search. peel: once some sentences of a classification or mlm batch are accepted, subtract their gradients and
+    attack the rest of the batch as a smaller one (span_peeling), within what is left of ``time_limit``.
     """
 
     threshold: float | None = None
