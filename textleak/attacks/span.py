@@ -272,12 +272,12 @@ class SpanAttack:
         )
 
         ends = lengths
-        if pairing is not None:  # the B [SEP] ends with the largest pairing shares: each ends a sentence
+        if pairing is not None and pairing.pooled is None:  # the B [SEP] ends with the largest pairing shares
             shares = {p + 1: w for p in range(len(passing)) for t, w in pairing.ranked(p, ANCHOR_SEP_SHARE) if t == sep}
-            # equal shares (an mlm pairing pools what it cannot place over the [MASK] positions): layer 1's order
-            rank = {n: i for i, n in enumerate(lengths)}
-            top = sorted(shares, key=lambda n: (-shares[n], rank.get(n, len(rank))))[: meta.batch_size]
+            top = sorted(shares, key=shares.__getitem__, reverse=True)[: meta.batch_size]
             ends = [n for n in lengths if n in top] or lengths
+        elif pairing is not None:  # an mlm pairing cannot place [SEP] where a [MASK] sits: layer 1's B best ends
+            ends = lengths[: meta.batch_size]
 
         def widths(length: int, accepted: list[Found]) -> list[int]:
             """How many of each position's candidates the search tries first: the sentences that hold a word there
@@ -307,9 +307,10 @@ class SpanAttack:
             confirm = partial(_agrees, test, anchor_set, search.attention_accept)
             if cfg.context:
                 clock_phase = time.perf_counter()
-                # tokens seen more than once may sit anywhere: the pairing spreads their share over the positions
+                # tokens seen more than once may sit anywhere: the pairing spreads their share over the positions;
+                # an mlm pairing already offers each [MASK] position every token it did not place whole
                 once = {t for t, _ in single} | {sep, cls, pad}
-                anywhere = sorted({t for tokens in passing for t in tokens} - once)
+                anywhere = [] if pairing.pooled is not None else sorted({t for ts in passing for t in ts} - once)
                 narrow = [[cls]] + [
                     [t for t in tokens[: paired_count[p]] if t not in (cls, pad)] + [sep]
                     for p, tokens in enumerate(passing) if p > 0

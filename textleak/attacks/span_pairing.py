@@ -16,9 +16,9 @@ positions: the rows outside the bag span exactly those n head outputs u_m, so pr
 leaves the input side. The fit then still fails on the raw positions (1 of 25 once-seen tokens placed on MiniLM CoLA
 B=4): [MASK] is a repeated token whose occurrences carry gradients 10-100x the others', and its one word row cannot
 stand for their different directions. Those positions are loud (the largest gap in the positions' gradient norms
-separates them), so the fit leaves them and [MASK] out, lets a token's weights sum to less than one, and spreads
-what it does not place over the loud positions (MiniLM RT and SST-2, B=4 and 8: 93-97% of the tokens placed with a
-share >= 0.9 are right, about 40 per batch).
+separates them), so the fit leaves them and [MASK] out, lets a token's weights sum to less than one, and gives
+each loud position every token's unplaced weight (``Pairing.pooled``). On MiniLM RT and SST-2, B=4 and 8, 93-97% of
+the tokens placed with a share >= 0.9 are right, about 40 per batch.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ class Pairing:
     tokens: list[int]
     weights: torch.Tensor  # (len(tokens), positions)
     residual: float  # relative residual of the fit: 0 when every token of the batch is unique
+    #: (positions,) bool, or None: positions the fit left out (an mlm update's [MASK]-holding ones). There each
+    #: token's weight is what the fit did not place of it, so any of them may sit there, and none is known to.
+    pooled: torch.Tensor | None = None
 
     def ranked(self, position: int, floor: float) -> list[tuple[int, float]]:
         """(token, share) at ``position`` with a share of at least ``floor``, largest first."""
@@ -60,7 +63,10 @@ class Pairing:
 
     def single_occurrences(self, share: float) -> set[tuple[int, int]]:
         """(token, position) pairs holding at least ``share`` of the token's gradient: tokens seen once there."""
-        rows, cols = (self.weights >= share).nonzero(as_tuple=True)
+        held = self.weights >= share
+        if self.pooled is not None:
+            held[:, self.pooled] = False
+        rows, cols = held.nonzero(as_tuple=True)
         return {(self.tokens[r], c) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)}
 
 
@@ -148,7 +154,7 @@ def _pair_masked(
     word: torch.Tensor, targets: torch.Tensor, bag: list[int], mask: int, iterations: int
 ) -> Pairing | None:
     """Pairing of a masked-LM update (tied decoder): the fit on the quiet positions, without [MASK], after
-    projecting the decoder's share out; each token's unplaced weight is spread over the loud positions."""
+    projecting the decoder's share out; each loud position gets [MASK] and every token's unplaced weight."""
     complement = _decoder_complement(word, bag)
     if complement is None:
         return None
@@ -163,10 +169,10 @@ def _pair_masked(
         return None
     weights = torch.zeros(len(bag), len(targets), dtype=torch.float64)
     weights[fitted[:, None], quiet] = placed
-    weights[fitted[:, None], noisy] = ((1 - placed.sum(1)).clamp_min(0) / len(noisy))[:, None]
+    weights[fitted[:, None], noisy] = (1 - placed.sum(1)).clamp_min(0)[:, None]
     if mask in bag:
-        weights[bag.index(mask), noisy] = 1.0 / len(noisy)
-    return Pairing(tokens=list(bag), weights=weights, residual=residual)
+        weights[bag.index(mask), noisy] = 1.0
+    return Pairing(tokens=list(bag), weights=weights, residual=residual, pooled=loud)
 
 
 def pair_tokens(
