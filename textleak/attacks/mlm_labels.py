@@ -21,6 +21,7 @@ import torch
 from scipy.optimize import nnls
 
 from textleak.attacks.leakage import label_bag, output_bias_gradient
+from textleak.attacks.span_scoring import span_basis
 from textleak.models import LoadedModel
 from textleak.tasks import IGNORE_INDEX
 from textleak.update import Update
@@ -89,33 +90,25 @@ def sentence_labels(update: Update, target: LoadedModel, ids: list[int]) -> tupl
     if not labels or head is None:
         return None
     grad = head["grads"]["dense.weight"].to(torch.float64)
-    left, values, right = torch.linalg.svd(grad, full_matrices=False)
-    rank = int((values > values[0] * HEAD_RANK_TOL).sum())
-    if rank >= min(grad.shape):
+    rows, columns = span_basis(grad, HEAD_RANK_TOL), span_basis(grad.T, HEAD_RANK_TOL)
+    if rows.rank >= min(grad.shape):
         return None
-    columns, rows = left[:, :rank], right[:rank].T
     with torch.no_grad():
         batch = torch.tensor([ids])
         hidden = model.base_model(input_ids=batch, token_type_ids=torch.zeros_like(batch))[0][0].to(torch.float64)
-    masked = [p for p in range(len(ids)) if ids[p] not in (tok.cls_token_id, tok.sep_token_id)
-              and _off(hidden[p : p + 1], rows)[0] <= IN_SPAN]
+    in_rows = rows.residual(hidden) <= IN_SPAN
+    masked = [p for p in range(len(ids)) if ids[p] not in (tok.cls_token_id, tok.sep_token_id) and in_rows[p]]
     if not masked:
         return None
     deltas = _head_pass(model, head["transform"], hidden[masked], labels)[3]  # (labels, masked, d)
-    off = _off(deltas.reshape(-1, deltas.shape[-1]), columns).view(len(labels), len(masked))
+    off = columns.residual(deltas.reshape(-1, deltas.shape[-1])).view(len(labels), len(masked))
     best = off.argmin(0)
     if bool((off.gather(0, best[None])[0] > IN_SPAN).any()):
         return None
     out = [IGNORE_INDEX] * len(ids)
     for p, k in zip(masked, best.tolist(), strict=True):
         out[p] = labels[k]
-    return out, rank
-
-
-def _off(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Relative residual of each row of ``vectors`` against the orthonormal columns of ``basis``."""
-    rest = vectors - (vectors @ basis) @ basis.T
-    return rest.norm(dim=-1) / vectors.norm(dim=-1).clamp_min(1e-300)
+    return out, rows.rank
 
 
 def _head_pass(
