@@ -67,6 +67,12 @@ PROPOSALS_TRIED = 2
 #: 33-37 candidate lengths, 5-step solves of at most 100 inner steps ranked the true one first for 5 anchors,
 #: 20-step solves for 7).
 SCREEN_STEPS = 5
+#: In the first pass over the anchors, an anchor is finished at once only when one of its first solves at the ends
+#: has a residual at most this; the others wait for the second pass. MiniLM RT B=8 batches 7-9: first solves at a
+#: true length that the search then finished had 1e-6-0.08 (0-2 tokens off); at true lengths of 35-38 tokens that
+#: it could not finish, 0.10-0.17 (7-11 off); at wrong lengths at least 0.13, mostly 0.4-1.4. Each of those costs
+#: 1-7 s of refining and up to 22 s of search.
+CLEAR_START = 0.1
 #: A refined proposal of n tokens whose median second-layer row residual exceeds the larger of these two,
 #: ``PROPOSAL_FAR`` and ``PROPOSAL_FAR_TOKENS / n``, mixes sentences and is not searched. MiniLM SST-2 and RT B=8
 #: batches 1 and 7 (26-46 tokens): proposals 1-7 tokens off sat at 0.013-0.023, while those 17-34 off or of a wrong
@@ -351,7 +357,9 @@ def assemble_by_context(
     For each anchor not yet in a found sentence, a first solve per sentence end no found sentence has, per length
     among the first ``SPARE_LENGTHS`` of ``spare`` (other candidate lengths, most likely first: the ends come from
     the pairing, which can rank a spurious [SEP] above a true one), and per end a found sentence already has (two
-    sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens). The ``PROPOSALS_TRIED`` first solves
+    sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens). An anchor whose best first solve is at
+    most ``CLEAR_START`` is finished at once; the others wait until every anchor has had its first solves, and are
+    then finished lowest residual first. To finish, the ``PROPOSALS_TRIED`` first solves
     with the lowest residual are refined, and the second layer's search descends from each refined proposal, lowest
     residual first, among ``options_for`` the length (each position's narrow favourites plus the proposed token),
     widening near a sentence to the tokens of ``reserve_for`` the length (each position's full candidate list) that
@@ -368,36 +376,69 @@ def assemble_by_context(
         return search.expired or time.perf_counter() > deadline
 
     def finish(starts: list[FirstSolve]) -> Found | None:
-        """Refine the best first solves and search from each refined proposal; the first sentence accepted."""
+        """Refine the best first solves and search from each refined proposal (lowest residual first; one within
+        ``CLEAR_START`` at once, before the next refinement); the first sentence accepted."""
         proposals = []
         for start in sorted(starts, key=lambda f: f.residual)[:PROPOSALS_TRIED]:
             residual, sentence = solver.refine(start)
             proposals.append((residual, start.length, sentence))
+            if residual <= CLEAR_START:  # near a sentence: searched before the next (slower, worse) refinement
+                found = search_from(start.length, sentence)
+                if found is not None:
+                    return found
+                proposals.pop()
         for _, length, sentence in sorted(proposals):
-            if over():
-                break
-            far = max(PROPOSAL_FAR, PROPOSAL_FAR_TOKENS / length)
-            if float(search.rows(torch.tensor([sentence]))[0].median()) > far:
-                continue
-            narrow = options_for(length, accepted)
-            options = [list(dict.fromkeys([t, *tokens])) for t, tokens in zip(sentence, narrow, strict=True)]
-            reserve = None if reserve_for is None else reserve_for(length, accepted)
-            found = search.search(sentence, options, avoid={f.ids for f in accepted}, restarts=0, reserve=reserve)
-            if found.score <= search.accept and (confirm is None or confirm(found)):
+            found = search_from(length, sentence)
+            if found is not None:
                 return found
         return None
 
-    for token, position in anchors:
+    def search_from(length: int, sentence: list[int]) -> Found | None:
+        """The second layer's search from a refined proposal, or None when it is far from a sentence or not
+        accepted."""
+        if over():
+            return None
+        far = max(PROPOSAL_FAR, PROPOSAL_FAR_TOKENS / length)
+        if float(search.rows(torch.tensor([sentence]))[0].median()) > far:
+            return None
+        narrow = options_for(length, accepted)
+        options = [list(dict.fromkeys([t, *tokens])) for t, tokens in zip(sentence, narrow, strict=True)]
+        reserve = None if reserve_for is None else reserve_for(length, accepted)
+        found = search.search(sentence, options, avoid={f.ids for f in accepted}, restarts=0, reserve=reserve)
+        return found if found.score <= search.accept and (confirm is None or confirm(found)) else None
+
+    def held(anchor: tuple[int, int]) -> bool:
+        return any(anchor[1] < len(f.ids) and f.ids[anchor[1]] == anchor[0] for f in accepted)
+
+    # first pass: every anchor's first solves at the ends, finished at once only when one is clearly near a
+    # sentence; an anchor in a long sentence whose length the ends miss would otherwise spend seconds of refining
+    # and screening while other anchors' short sentences wait
+    deferred: list[tuple[float, tuple[int, int], list[int], list[FirstSolve], bool]] = []
+    for anchor in anchors:
         if len(accepted) >= wanted or over():
             break
-        if any(position < len(f.ids) and f.ids[position] == token for f in accepted):
+        if held(anchor):
             continue
-        anchor = (token, position)
-        held = {len(f.ids) for f in accepted}
-        tried = [n for n in ends if n not in held]
-        tried += [n for n in spare or [] if n not in ends and n not in held][:SPARE_LENGTHS]
-        tried += [n for n in ends if n in held]
-        found = finish([f for f in (solver.first_solve(anchor, n, first, last) for n in tried) if f is not None])
+        lengths = {len(f.ids) for f in accepted}
+        tried = [n for n in ends if n not in lengths]
+        tried += [n for n in spare or [] if n not in ends and n not in lengths][:SPARE_LENGTHS]
+        tried += [n for n in ends if n in lengths]
+        starts = [f for f in (solver.first_solve(anchor, n, first, last) for n in tried) if f is not None]
+        best = min((f.residual for f in starts), default=math.inf)
+        clear = best <= CLEAR_START
+        found = finish(starts) if clear else None
+        if found is not None:
+            accepted.append(found)
+        else:
+            deferred.append((best, anchor, tried, starts, clear))
+    # then the others, most promising first: the best first solves finished, and when none is accepted, quick
+    # solves (``SCREEN_STEPS``) rank the other lengths
+    for _, anchor, tried, starts, finished in sorted(deferred, key=lambda item: item[0]):
+        if len(accepted) >= wanted or over():
+            break
+        if held(anchor):
+            continue
+        found = None if finished else finish(starts)
         if found is None:  # the ends missed this anchor's length (common at B=8): screen every other candidate
             screens: list[FirstSolve] = []
             for n in [n for n in spare or [] if n not in tried]:
@@ -405,8 +446,8 @@ def assemble_by_context(
                     break
                 screen = solver.first_solve(anchor, n, first, last, steps=SCREEN_STEPS)
                 screens += [] if screen is None else [screen]
-            best = sorted(screens, key=lambda f: f.residual)[:PROPOSALS_TRIED]
-            found = finish([f for f in (solver.first_solve(anchor, b.length, first, last) for b in best) if f])
+            best_screens = sorted(screens, key=lambda f: f.residual)[:PROPOSALS_TRIED]
+            found = finish([f for f in (solver.first_solve(anchor, b.length, first, last) for b in best_screens) if f])
         if found is not None:
             accepted.append(found)
     return accepted

@@ -120,12 +120,12 @@ def _fit(
     relative residual; accelerated projected gradient (FISTA) on the least-squares fit."""
     scale = float(targets.norm()) or 1.0
     rows, targets = rows / scale, targets / scale
-    lipschitz = float(torch.linalg.matrix_norm(rows @ rows.T, 2)) or 1.0
+    gram, cross = rows @ rows.T, rows @ targets.T  # the gradient G W - C in the small (rows x rows) space
+    lipschitz = float(torch.linalg.matrix_norm(gram, 2)) or 1.0
     weights = project(torch.full((len(rows), len(targets)), 1.0 / len(targets), dtype=torch.float64))
     momentum, step = weights.clone(), 1.0
     for _ in range(iterations):
-        gradient = -(rows @ (targets - momentum.T @ rows).T)
-        updated = project(momentum - gradient / lipschitz)
+        updated = project(momentum - (gram @ momentum - cross) / lipschitz)
         next_step = (1 + (1 + 4 * step * step) ** 0.5) / 2
         momentum = updated + (step - 1) / next_step * (updated - weights)
         weights, step = updated, next_step
