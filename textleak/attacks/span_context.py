@@ -382,8 +382,8 @@ def assemble_by_context(
         for start in sorted(starts, key=lambda f: f.residual)[:PROPOSALS_TRIED]:
             residual, sentence = solver.refine(start)
             proposals.append((residual, start.length, sentence))
-            if residual <= CLEAR_START:  # near a sentence: searched before the next (slower, worse) refinement
-                found = search_from(start.length, sentence)
+            if residual <= CLEAR_START:  # near a sentence: searched before the next (slower, worse) refinement,
+                found = search_from(start.length, sentence, clear=True)  # even past the phase's budget
                 if found is not None:
                     return found
                 proposals.pop()
@@ -393,10 +393,11 @@ def assemble_by_context(
                 return found
         return None
 
-    def search_from(length: int, sentence: list[int]) -> Found | None:
+    def search_from(length: int, sentence: list[int], clear: bool = False) -> Found | None:
         """The second layer's search from a refined proposal, or None when it is far from a sentence or not
-        accepted."""
-        if over():
+        accepted. A ``clear`` proposal is searched as long as the search has time, past the phase's budget: it
+        takes a second or less, and the next phases would look for the sentence far longer."""
+        if search.expired if clear else over():
             return None
         far = max(PROPOSAL_FAR, PROPOSAL_FAR_TOKENS / length)
         if float(search.rows(torch.tensor([sentence]))[0].median()) > far:
