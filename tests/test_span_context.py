@@ -333,7 +333,8 @@ def test_a_proposal_that_mixes_sentences_is_not_searched(mini):
 def test_an_anchor_whose_length_the_ends_miss_waits_while_a_clear_one_is_finished(mini):
     """The first anchor's length is neither an end nor among the first spare lengths, so only screening would find
     it; the second anchor's first solve at an end is clear. A peeling caller (``stop_after=1``) gets the second
-    anchor's sentence at once; without the stop, the waiting anchor is screened afterwards and found too."""
+    anchor's sentence at once; without the stop, the waiting anchor is screened afterwards and found too. Without
+    ``defer`` (masked-LM pairings) each anchor is finished in turn, screening included."""
     update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
     solver, count = _solver(mini, update, truth)
     tok = mini.tokenizer
@@ -344,10 +345,11 @@ def test_an_anchor_whose_length_the_ends_miss_waits_while_a_clear_one_is_finishe
     wrong = [n for n in range(5, update.metadata.seq_len + 1) if n not in (len(first), len(second))]
     spare = [*wrong[:SPARE_LENGTHS], len(first)]
 
-    def run(stop_after):
+    def run(stop_after, defer=True):
         return assemble_by_context(_second_layer_search(mini, update), solver, anchors, [len(second)],
                                    _batch_tokens(truth, tok), 2, first=tok.cls_token_id, last=tok.sep_token_id,
-                                   spare=spare, stop_after=stop_after)
+                                   spare=spare, stop_after=stop_after, defer=defer)
 
     assert [list(f.ids) for f in run(1)] == [second]
     assert sorted(list(f.ids) for f in run(None)) == sorted([first, second])
+    assert [list(f.ids) for f in run(1, defer=False)] == [first]

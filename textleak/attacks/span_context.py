@@ -350,6 +350,7 @@ def assemble_by_context(
     confirm: Callable[[Found], bool] | None = None,
     reserve_for: Callable[[int, list[Found]], list[list[int]]] | None = None,
     stop_after: int | None = None,
+    defer: bool = True,
 ) -> list[Found]:
     """Sentences proposed around anchors by the context solve and finished by the second layer's search, after any
     ``accepted`` ones; ``confirm`` as in ``assemble``.
@@ -358,8 +359,9 @@ def assemble_by_context(
     among the first ``SPARE_LENGTHS`` of ``spare`` (other candidate lengths, most likely first: the ends come from
     the pairing, which can rank a spurious [SEP] above a true one), and per end a found sentence already has (two
     sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens). An anchor whose best first solve is at
-    most ``CLEAR_START`` is finished at once; the others wait until every anchor has had its first solves, and are
-    then finished lowest residual first. To finish, the ``PROPOSALS_TRIED`` first solves
+    most ``CLEAR_START`` is finished at once; with ``defer`` the others wait until every anchor has had its first
+    solves, and are then finished lowest residual first (without it, each is finished in turn: a masked-LM update's
+    first solves are too loose for their residual to rank anchors). To finish, the ``PROPOSALS_TRIED`` first solves
     with the lowest residual are refined, and the second layer's search descends from each refined proposal, lowest
     residual first, among ``options_for`` the length (each position's narrow favourites plus the proposed token),
     widening near a sentence to the tokens of ``reserve_for`` the length (each position's full candidate list) that
@@ -411,9 +413,21 @@ def assemble_by_context(
     def held(anchor: tuple[int, int]) -> bool:
         return any(anchor[1] < len(f.ids) and f.ids[anchor[1]] == anchor[0] for f in accepted)
 
-    # first pass: every anchor's first solves at the ends, finished at once only when one is clearly near a
-    # sentence; an anchor in a long sentence whose length the ends miss would otherwise spend seconds of refining
-    # and screening while other anchors' short sentences wait
+    def screened(anchor: tuple[int, int], tried: list[int]) -> Found | None:
+        """The ends missed this anchor's length (common at B=8): quick solves rank every other candidate length
+        and the best are finished."""
+        screens: list[FirstSolve] = []
+        for n in [n for n in spare or [] if n not in tried]:
+            if over():
+                break
+            screen = solver.first_solve(anchor, n, first, last, steps=SCREEN_STEPS)
+            screens += [] if screen is None else [screen]
+        best = sorted(screens, key=lambda f: f.residual)[:PROPOSALS_TRIED]
+        return finish([f for f in (solver.first_solve(anchor, b.length, first, last) for b in best) if f])
+
+    # first pass: every anchor's first solves at the ends; with ``defer``, finished at once only when one is clearly
+    # near a sentence, since an anchor in a long sentence whose length the ends miss would otherwise spend seconds
+    # of refining and screening while other anchors' short sentences wait
     deferred: list[tuple[float, tuple[int, int], list[int], list[FirstSolve], bool]] = []
     for anchor in anchors:
         if len(accepted) >= wanted or over():
@@ -426,29 +440,21 @@ def assemble_by_context(
         tried += [n for n in ends if n in lengths]
         starts = [f for f in (solver.first_solve(anchor, n, first, last) for n in tried) if f is not None]
         best = min((f.residual for f in starts), default=math.inf)
-        clear = best <= CLEAR_START
+        clear = best <= CLEAR_START or not defer
         found = finish(starts) if clear else None
+        if found is None and not defer:
+            found = screened(anchor, tried)
         if found is not None:
             accepted.append(found)
-        else:
+        elif defer:
             deferred.append((best, anchor, tried, starts, clear))
-    # then the others, most promising first: the best first solves finished, and when none is accepted, quick
-    # solves (``SCREEN_STEPS``) rank the other lengths
+    # then the waiting anchors, most promising first: their best first solves finished, then their lengths screened
     for _, anchor, tried, starts, finished in sorted(deferred, key=lambda item: item[0]):
         if len(accepted) >= wanted or over():
             break
         if held(anchor):
             continue
-        found = None if finished else finish(starts)
-        if found is None:  # the ends missed this anchor's length (common at B=8): screen every other candidate
-            screens: list[FirstSolve] = []
-            for n in [n for n in spare or [] if n not in tried]:
-                if over():
-                    break
-                screen = solver.first_solve(anchor, n, first, last, steps=SCREEN_STEPS)
-                screens += [] if screen is None else [screen]
-            best_screens = sorted(screens, key=lambda f: f.residual)[:PROPOSALS_TRIED]
-            found = finish([f for f in (solver.first_solve(anchor, b.length, first, last) for b in best_screens) if f])
+        found = (None if finished else finish(starts)) or screened(anchor, tried)
         if found is not None:
             accepted.append(found)
     return accepted
