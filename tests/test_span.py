@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from functools import partial
 
 import pytest
 import torch
 
-from textleak.attacks.span import UNIQUE_SHARE, SpanAttack, auto_threshold
+from textleak.attacks.span import UNIQUE_SHARE, SpanAttack, _agrees, auto_threshold
+from textleak.attacks.span_assembly import Found, attention_accept
+from textleak.attacks.span_attention import attention_test
 from textleak.attacks.span_pairing import pair_tokens
+from textleak.attacks.span_peeling import lowers_rank
 from textleak.attacks.span_scoring import (
     EmbeddingParts,
     candidate_residuals,
@@ -361,3 +365,25 @@ def test_search_stops_once_the_found_sentences_span_the_second_layer(models, tas
     assert all(list(ids) in result.token_ids for ids in live)
     assert not any("time limit" in w for w in result.warnings)
     assert any("distinct sentences" in w for w in result.warnings)
+
+
+def test_a_true_sentence_holding_only_shared_anchors_is_confirmed_by_the_rank_it_takes_out(models):
+    """Minimal pairs put one token at one position in two sentences: the pairing takes it for a once-seen anchor,
+    its attention gradient mixes both sentences, and the attention test fails a true sentence that holds only such
+    anchors. Taking that sentence out of the update lowers the first layer's rank, which confirms it; a mix of the
+    two sentences holds the same anchors and lowers nothing."""
+    target = models[("random:bert-mini", "classification")]
+    pair = ["which hat did mike quip that she never wore?", "which girl did mike quip never wore this hat?"]
+    update, truth = simulate_client(target, pair, task="classification", labels=[0, 1], seed=0, reveal=())
+    first, second = (tuple(ids) for ids in truth.input_ids)
+    special = set(target.tokenizer.all_special_ids)
+    shared = {(t, p) for p, (t, u) in enumerate(zip(first, second, strict=True)) if t == u and t not in special}
+    bag = sorted(set(first) | set(second))
+    test = attention_test(target.model, update, embedding_parts(target.model), bag, update.metadata.seq_len, [0])
+    accept = attention_accept(1e-5)
+    assert not test.confirms(first, shared, accept)
+    assert not _agrees(test, shared, accept, None, Found(first, 0.0))
+    rank_test = partial(lowers_rank, update, target)
+    assert _agrees(test, shared, accept, rank_test, Found(first, 0.0))
+    mix = first[:6] + second[6:]
+    assert not _agrees(test, shared, accept, rank_test, Found(mix, 0.0))

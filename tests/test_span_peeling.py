@@ -7,7 +7,7 @@ import torch
 
 from textleak.attacks.mlm_labels import sentence_labels
 from textleak.attacks.span import SpanAttack
-from textleak.attacks.span_peeling import peel, peel_refusal
+from textleak.attacks.span_peeling import lowers_rank, peel, peel_refusal
 from textleak.client import ClientBatch, batch_gradients, encode_batch, simulate_client
 from textleak.defenses.client import defended_client
 from textleak.models import load_model
@@ -102,3 +102,16 @@ def test_mlm_labels_are_read_only_for_sentences_that_sent_a_gradient():
     assert labels == list(truth.labels[0][: len(truth.input_ids[0])])
     assert masked == sum(counts)
     assert peel(update, lm, [truth.input_ids[2]]) is None
+
+
+def test_only_a_sentence_of_the_batch_lowers_the_first_layers_rank(mini):
+    """A true sentence holds rows no other sentence holds; a stranger adds rows, and a prefix of a true sentence or
+    a mix of two leaves every row still needed by the true ones."""
+    update, truth = simulate_client(mini, SENTENCES, task="classification", labels=LABELS, seed=0, reveal=())
+    first, second = list(truth.input_ids[1]), list(truth.input_ids[2])
+    assert all(lowers_rank(update, mini, ids) for ids in truth.input_ids)
+    assert not lowers_rank(update, mini, mini.tokenizer("a sentence that is not in the batch")["input_ids"])
+    assert not lowers_rank(update, mini, first[:5] + first[-1:])  # a prefix, closed with [SEP]
+    assert not lowers_rank(update, mini, first[:5] + second[5:])  # the first half of one, the second of the other
+    pruned, _ = defended_client(mini, SENTENCES, task="classification", labels=LABELS, defenses=["prune:ratio=0.5"])
+    assert not lowers_rank(pruned, mini, first)

@@ -34,7 +34,7 @@ from textleak.attacks.span_assembly import (
 from textleak.attacks.span_attention import AttentionTest, attention_test
 from textleak.attacks.span_context import assemble_by_context, context_solver
 from textleak.attacks.span_pairing import Pairing, pair_tokens
-from textleak.attacks.span_peeling import peel, peel_refusal
+from textleak.attacks.span_peeling import lowers_rank, peel, peel_refusal
 from textleak.attacks.span_scoring import (
     EmbeddingParts,
     SpanBasis,
@@ -304,7 +304,8 @@ class SpanAttack:
         if cfg.attention and test is not None and pairing is not None:
             anchor_set = {(t, p) for t, p in single if t not in (sep, cls, pad)}
             anchors = sorted(anchor_set, key=lambda pair: (pair[1], pair[0]))
-            confirm = partial(_agrees, test, anchor_set, search.attention_accept)
+            rank_test = partial(lowers_rank, update, target) if peelable else None
+            confirm = partial(_agrees, test, anchor_set, search.attention_accept, rank_test)
             if cfg.context:
                 clock_phase = time.perf_counter()
                 # tokens seen more than once may sit anywhere: the pairing spreads their share over the positions;
@@ -571,9 +572,22 @@ def _rank_warnings(span: SpanBasis, which: str) -> list[str]:
     return []
 
 
-def _agrees(test: AttentionTest, anchors: set[tuple[int, int]], accept: float, found: Found) -> bool:
-    """Whether a sentence agrees with the once-seen tokens it holds (``AttentionTest.confirms`` at ``accept``)."""
-    return test.confirms(found.ids, anchors, accept)
+def _agrees(
+    test: AttentionTest,
+    anchors: set[tuple[int, int]],
+    accept: float,
+    rank_test: Callable[[tuple[int, ...]], bool] | None,
+    found: Found,
+) -> bool:
+    """Whether a sentence agrees with the once-seen tokens it holds (``AttentionTest.confirms`` at ``accept``), or,
+    failing that, whether taking it out of the update lowers the first layer's rank (``rank_test``, for updates that
+    can be peeled). A token seen twice at one position looks once-seen, and its gradient mixes both sentences; when
+    every anchor a true sentence holds is such a token, the attention test fails it (MiniLM CoLA B=8 batch 11: two
+    minimal pairs share "mike" and "qui" at positions 4 and 5, and the true 13-token sentence found at 4 s was
+    rejected until the 60 s limit)."""
+    if test.confirms(found.ids, anchors, accept):
+        return True
+    return rank_test is not None and rank_test(found.ids)
 
 
 def _token_types(update: Update) -> list[int]:

@@ -119,17 +119,19 @@ def _fit(
     relative residual; accelerated projected gradient (FISTA) on the least-squares fit, in numpy (its small
     per-step arrays run about twice as fast there as in torch)."""
     scale = float(targets.norm()) or 1.0
-    rows_, targets_ = (rows / scale).numpy(), (targets / scale).numpy()
-    gram, cross = rows_ @ rows_.T, rows_ @ targets_.T  # the gradient G W - C in the small (rows x rows) space
+    scaled_rows, scaled_targets = (rows / scale).numpy(), (targets / scale).numpy()
+    # the gradient G W - C in the small (rows x rows) space
+    gram, cross = scaled_rows @ scaled_rows.T, scaled_rows @ scaled_targets.T
     lipschitz = float(np.linalg.norm(gram, 2)) or 1.0
-    weights = project(np.full((len(rows_), len(targets_)), 1.0 / len(targets_)))
+    weights = project(np.full((len(scaled_rows), len(scaled_targets)), 1.0 / len(scaled_targets)))
     momentum, step = weights.copy(), 1.0
     for _ in range(iterations):
         updated = project(momentum - (gram @ momentum - cross) / lipschitz)
         next_step = (1 + (1 + 4 * step * step) ** 0.5) / 2
         momentum = updated + (step - 1) / next_step * (updated - weights)
         weights, step = updated, next_step
-    residual = float(np.linalg.norm(targets_ - weights.T @ rows_) / max(float(np.linalg.norm(targets_)), 1e-300))
+    misfit = np.linalg.norm(scaled_targets - weights.T @ scaled_rows)
+    residual = float(misfit / max(float(np.linalg.norm(scaled_targets)), 1e-300))
     return torch.from_numpy(weights), residual
 
 

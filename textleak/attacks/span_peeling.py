@@ -92,19 +92,11 @@ def peel(update: Update, target: LoadedModel, sentences: Sequence[Sequence[int]]
     kept_ids: list[tuple[int, ...]] = []
     kept_labels: list[Any] = []
     for ids in sentences:
-        options = _label_options(update, target, ids)
-        if not options:
-            continue
-        rests = []
-        for label, total in options:
-            own = torch.cat(list(_gradients(model, [ids], [label], first, pad_id, task).values())).double()
-            rests.append(stacked - own * _slots(label) / total)
-        scores = [(span.rank, span.nuclear) for span in map(span_basis, rests)]
-        best = min(range(len(options)), key=scores.__getitem__)
-        if scores[best] < (whole.rank, whole.nuclear):
+        best = _best_label(update, target, stacked, ids)
+        if best is not None and best[2] < (whole.rank, whole.nuclear):
             kept_ids.append(tuple(ids))
-            kept_labels.append(options[best][0])
-            slots = options[best][1]
+            kept_labels.append(best[0])
+            slots = best[1]
     taken_slots = sum(map(_slots, kept_labels))
     if not kept_ids or taken_slots >= slots:  # nothing to take, or nothing would be left
         return None
@@ -119,6 +111,38 @@ def peel(update: Update, target: LoadedModel, sentences: Sequence[Sequence[int]]
     residual = update.with_gradients(rest, batch_size=update.metadata.batch_size - len(kept_ids))
     originals = tuple(map(_original, kept_ids, kept_labels))
     return Peeled(residual, tuple(kept_ids), tuple(kept_labels), originals)
+
+
+def lowers_rank(update: Update, target: LoadedModel, ids: Sequence[int]) -> bool:
+    """Whether taking the sentence out of the update, with its best label, lowers the first layer's rank: it holds
+    input rows no other sentence of the batch holds. A sentence not in the batch adds rows, and a prefix of a true
+    one, or a mix of two, leaves every row still needed by the true sentences, so neither lowers it. False when the
+    update cannot be peeled."""
+    names = qkv_gradient_names(target.model, 0)
+    if peel_refusal(update) is not None or any(name not in update.gradients for name in names):
+        return False
+    stacked = stacked_gradient(update, names)
+    best = _best_label(update, target, stacked, ids)
+    return best is not None and best[2][0] < span_basis(stacked).rank
+
+
+def _best_label(
+    update: Update, target: LoadedModel, stacked: torch.Tensor, ids: Sequence[int]
+) -> tuple[Any, int, tuple[int, float]] | None:
+    """(label, labelled slots in the batch, (rank, nuclear norm) of the first layer's gradient less the sentence's)
+    for the label that leaves the lowest score, or None when no label can be read (mlm)."""
+    options = _label_options(update, target, ids)
+    if not options:
+        return None
+    model, pad_id, task = target.model, target.tokenizer.pad_token_id, update.metadata.task
+    first = qkv_gradient_names(model, 0)
+    rests = []
+    for label, total in options:
+        own = torch.cat(list(_gradients(model, [ids], [label], first, pad_id, task).values())).double()
+        rests.append(stacked - own * _slots(label) / total)
+    scores = [(span.rank, span.nuclear) for span in map(span_basis, rests)]
+    best = min(range(len(options)), key=scores.__getitem__)
+    return options[best][0], options[best][1], scores[best]
 
 
 def _original(ids: tuple[int, ...], label: Any) -> tuple[int, ...]:
