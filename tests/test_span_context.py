@@ -17,6 +17,7 @@ from textleak.attacks.span_context import (
     REFINED_WORSE,
     SPARE_LENGTHS,
     Simplices,
+    _rounded,
     assemble_by_context,
     context_solver,
     solve_on_simplices,
@@ -214,6 +215,30 @@ def test_a_refinement_that_inflates_the_residual_gives_way_to_the_first_solve(mi
     assert solver.refine(tight)[0] == tight.residual  # the first solve's own answer comes back
     loose = replace(start, residual=math.inf)  # no fit at all: the refinement is kept
     assert solver.refine(loose)[0] == pytest.approx(residual, rel=1e-6)
+
+
+def test_pricing_adds_a_repeated_token_the_narrow_lists_lack_where_it_sits(mini):
+    """As the pairing does, "the" (five times in the batch) is left off the narrow lists at its positions and only
+    allowed anywhere: the first solve cannot place it and misses the sentence; pricing adds exactly those
+    occurrences and the solve lands on the sentence."""
+    update, truth = simulate_client(mini, SENTENCES, task="classification", seed=0, reveal=())
+    tok = mini.tokenizer
+    the = tok.convert_tokens_to_ids("the")
+    solver, count = _solver(mini, update, truth)
+    narrow_the = solver.narrow & (solver.token == the)
+    ids = list(truth.input_ids[0])
+    held = [p for p, t in enumerate(ids) if t == the]
+    assert count[the] == 5 and len(held) == 3 and bool(narrow_the[[solver.index[(the, p)] for p in held]].all())
+    solver.narrow &= solver.token != the  # the pairing's blind spot
+    anchor = next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1)
+    start = solver.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
+    assert _rounded(start.m, solver.position[start.live], start.live, len(ids), solver.occurrences) != ids
+    assert not start.priced
+    priced = solver.price(start)
+    added = {solver.occurrences[int(j)] for j in priced.live[len(start.live):]}
+    assert {(the, p) for p in held} <= added and priced.priced and priced.residual < start.residual
+    assert _rounded(priced.m, solver.position[priced.live], priced.live, len(ids), solver.occurrences) == ids
+    assert solver.price(priced) is priced  # priced once
 
 
 def test_the_projection_onto_each_positions_simplex_matches_a_slow_reference():
