@@ -21,6 +21,7 @@ from textleak.attacks.span_scoring import (
     first_layer_inputs,
     qkv_gradient_names,
     span_basis,
+    span_score,
     stacked_gradient,
 )
 from textleak.client import simulate_client
@@ -261,6 +262,19 @@ def test_gaussian_bulk_gives_the_signal_rank_and_a_true_row_s_residual():
         span = span_basis(clean + std * torch.randn(384, 128, dtype=torch.float64, generator=generator))
         assert span.rank == 12 and span.gap < 10  # no clear fall
         assert span.noise == pytest.approx(float(span.residual(inputs).median()), rel=0.2)
+
+
+def test_the_spectrum_only_score_reads_the_basis_rank_and_the_nuclear_norm():
+    """Peeling's label and rank tests read (rank, nuclear norm) from the singular values alone: the same rank as
+    the basis cuts, clean (10x fall) and noised (bulk), and the sum of the singular values."""
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(384, 12, dtype=torch.float64, generator=generator) @ torch.randn(
+        12, 128, dtype=torch.float64, generator=generator
+    )
+    noised = clean + torch.randn(384, 128, dtype=torch.float64, generator=generator)
+    for stacked, rank in ((clean, 12), (noised, 12)):
+        assert span_score(stacked)[0] == span_basis(stacked).rank == rank
+        assert span_score(stacked)[1] == pytest.approx(float(torch.linalg.matrix_norm(stacked, "nuc")), rel=1e-9)
 
 
 def test_noised_batch_is_accepted_at_the_noise_s_own_level(models):

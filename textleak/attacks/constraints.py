@@ -146,7 +146,7 @@ def span_position_tokens(update: Update, model: torch.nn.Module, layout: Layout,
     span = span_basis(stacked)
     tokens = int(layout.attention_mask.sum())
     if span.rank > tokens:  # noise fills the spectrum: keep the strongest directions, at most one per token
-        span = SpanBasis(span.basis[:, :tokens].contiguous(), span.spectrum, tokens, span.gap, largest=span.largest)
+        span = SpanBasis(span.basis[:, :tokens].contiguous(), span.spectrum, tokens, span.gap)
     _, ids = candidate_residuals(embedding_parts(model), span, layout.fixed_ids.shape[1], [0], keep=top_k)
     return ids[:, 0]
 

@@ -87,6 +87,11 @@ PRICE_ROUNDS, PRICE_TAKE = 5, 15
 #: ``CLEAR_START`` for a priced first solve, whose residual falls further for the same error. The same 55 anchors:
 #: exact priced solves at 2e-6-0.15 (8 of 13 at most 0.02), 2-9 tokens off at 0.04-0.085.
 CLEAR_PRICED = 0.03
+#: The first pass over the anchors (first solves, the best priced) ends at this share of the phase's budget, and the
+#: waiting anchors are finished, most promising first. MiniLM SST-2 B=8 batch 7, the rest of seven sentences: the
+#: first pass took 2-3 s an anchor and used the whole 24 s budget on 12 of its anchors, so an exact priced proposal
+#: (residual 0.045) among them was never searched.
+FIRST_PASS_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -486,15 +491,10 @@ def assemble_by_context(
         best = sorted(screens, key=lambda f: f.residual)[:PROPOSALS_TRIED]
         return finish([f for f in (solver.first_solve(anchor, b.length, first, last) for b in best) if f])
 
-    # first pass: every anchor's first solves at the ends; with ``defer``, finished at once only when one is clearly
-    # near a sentence, since an anchor in a long sentence whose length the ends miss would otherwise spend seconds
-    # of refining and screening while other anchors' short sentences wait
-    deferred: list[tuple[float, tuple[int, int], list[int], list[FirstSolve], bool]] = []
-    for anchor in anchors:
-        if len(accepted) >= wanted or over():
-            break
-        if held(anchor):
-            continue
+    def attempt(anchor: tuple[int, int], wait: bool) -> tuple[float, list[int], list[FirstSolve], bool] | None:
+        """The anchor's first solves at the ends, its best priced; it is finished at once when that is clear or it
+        may not ``wait`` (then also screened). (best residual, lengths tried, first solves, whether finished) when
+        it waits or was finished in vain, None when a sentence was accepted."""
         lengths = {len(f.ids) for f in accepted}
         tried = [n for n in ends if n not in lengths]
         tried += [n for n in spare or [] if n not in ends and n not in lengths][:SPARE_LENGTHS]
@@ -504,14 +504,30 @@ def assemble_by_context(
             starts.sort(key=lambda f: f.residual)
             starts[0] = solver.price(starts[0])
         best = min((f.residual for f in starts), default=math.inf)
-        clear = best <= (CLEAR_PRICED if any(f.priced for f in starts) else CLEAR_START) or not defer
+        clear = best <= (CLEAR_PRICED if any(f.priced for f in starts) else CLEAR_START) or not wait
         found = finish(starts) if clear else None
-        if found is None and not defer:
+        if found is None and not wait:
             found = screened(anchor, tried)
         if found is not None:
             accepted.append(found)
-        elif defer:
-            deferred.append((best, anchor, tried, starts, clear))
+            return None
+        return best, tried, starts, clear
+
+    # first pass: every anchor's first solves at the ends; with ``defer``, finished at once only when one is clearly
+    # near a sentence, since an anchor in a long sentence whose length the ends miss would otherwise spend seconds
+    # of refining and screening while other anchors' short sentences wait. It ends at ``FIRST_PASS_SHARE`` of the
+    # budget, so that the most promising of the waiting anchors are finished in time.
+    first_deadline = math.inf if budget is None or not defer else time.perf_counter() + FIRST_PASS_SHARE * budget
+    deferred: list[tuple[float, tuple[int, int], list[int], list[FirstSolve], bool]] = []
+    later: list[tuple[int, int]] = []
+    for k, anchor in enumerate(anchors):
+        if len(accepted) >= wanted or over():
+            break
+        if time.perf_counter() > first_deadline:
+            later = anchors[k:]
+            break
+        if not held(anchor) and (waiting := attempt(anchor, defer)) is not None and defer:
+            deferred.append((waiting[0], anchor, *waiting[1:]))
     # then the waiting anchors, most promising first: their best first solves finished, then their lengths screened
     for _, anchor, tried, starts, finished in sorted(deferred, key=lambda item: item[0]):
         if len(accepted) >= wanted or over():
@@ -521,4 +537,10 @@ def assemble_by_context(
         found = (None if finished else finish(starts)) or screened(anchor, tried)
         if found is not None:
             accepted.append(found)
+    # and any the first pass did not reach, each in turn
+    for anchor in later:
+        if len(accepted) >= wanted or over():
+            break
+        if not held(anchor):
+            attempt(anchor, wait=False)
     return accepted

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from textleak.attacks.mlm_labels import sentence_labels
-from textleak.attacks.span_scoring import qkv_gradient_names, span_basis, stacked_gradient
+from textleak.attacks.span_scoring import qkv_gradient_names, span_score, stacked_gradient
 from textleak.client import ClientBatch, batch_loss
 from textleak.models import LoadedModel
 from textleak.tasks import IGNORE_INDEX
@@ -87,13 +87,13 @@ def peel(update: Update, target: LoadedModel, sentences: Sequence[Sequence[int]]
     if any(name not in update.gradients for name in first):
         return None
     stacked = stacked_gradient(update, first)
-    whole = span_basis(stacked)
+    whole = span_score(stacked)
     slots = update.metadata.batch_size  # labelled slots the update averages over: sentences, or masked positions
     kept_ids: list[tuple[int, ...]] = []
     kept_labels: list[Any] = []
     for ids in sentences:
         best = _best_label(update, target, stacked, ids)
-        if best is not None and best[2] < (whole.rank, whole.nuclear):
+        if best is not None and best[2] < whole:
             kept_ids.append(tuple(ids))
             kept_labels.append(best[0])
             slots = best[1]
@@ -123,7 +123,7 @@ def lowers_rank(update: Update, target: LoadedModel, ids: Sequence[int]) -> bool
         return False
     stacked = stacked_gradient(update, names)
     best = _best_label(update, target, stacked, ids)
-    return best is not None and best[2][0] < span_basis(stacked).rank
+    return best is not None and best[2][0] < span_score(stacked)[0]
 
 
 def _best_label(
@@ -140,7 +140,7 @@ def _best_label(
     for label, total in options:
         own = torch.cat(list(_gradients(model, [ids], [label], first, pad_id, task).values())).double()
         rests.append(stacked - own * _slots(label) / total)
-    scores = [(span.rank, span.nuclear) for span in map(span_basis, rests)]
+    scores = [span_score(rest) for rest in rests]
     best = min(range(len(options)), key=scores.__getitem__)
     return options[best][0], options[best][1], scores[best]
 

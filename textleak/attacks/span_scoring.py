@@ -43,12 +43,6 @@ class SpanBasis:
     rank: int
     gap: float  # sigma[rank-1] / sigma[rank]; inf when the span is the whole space
     noise: float = 0.0  # a true input row's typical relative residual under the update's additive noise (0: none seen)
-    largest: float = 1.0  # the largest singular value, which ``spectrum`` is divided by
-
-    @property
-    def nuclear(self) -> float:
-        """The sum of the singular values (nuclear norm) of the gradient the span was read from."""
-        return self.largest * float(self.spectrum.sum())
 
     @property
     def full(self) -> bool:
@@ -120,13 +114,7 @@ def span_basis(stacked: torch.Tensor, rank_tol: float | None = None) -> SpanBasi
     _, sigma, vh = torch.linalg.svd(stacked, full_matrices=False)
     spectrum = sigma / sigma[0].clamp_min(1e-300)
     d = vh.shape[1]
-    noise = 0.0
-    if rank_tol is not None:
-        rank = max(1, int((spectrum > rank_tol).sum()))
-    else:
-        rank = _largest_drop(spectrum)
-        if rank == 0:
-            rank, noise = _noise_bulk(spectrum, tuple(stacked.shape))
+    rank, noise = _cut(spectrum, tuple(stacked.shape), rank_tol)
     gap = math.inf if rank >= len(spectrum) else float(spectrum[rank - 1] / spectrum[rank].clamp_min(1e-300))
     return SpanBasis(
         basis=vh[:rank].T.contiguous(),
@@ -134,8 +122,25 @@ def span_basis(stacked: torch.Tensor, rank_tol: float | None = None) -> SpanBasi
         rank=min(rank, d),
         gap=gap,
         noise=noise,
-        largest=float(sigma[0]),
     )
+
+
+def span_score(stacked: torch.Tensor) -> tuple[int, float]:
+    """(rank, nuclear norm) of ``stacked`` as ``span_basis`` reads them (automatic cut), from the singular values
+    alone: about 3x faster than the basis (BERT-base's first layer: 0.3 s against 0.9 s), for peeling's label and
+    rank tests, which need no basis."""
+    sigma = torch.linalg.svdvals(stacked)
+    rank, _ = _cut(sigma / sigma[0].clamp_min(1e-300), tuple(stacked.shape), None)
+    return min(rank, stacked.shape[1]), float(sigma.sum())
+
+
+def _cut(spectrum: torch.Tensor, shape: tuple[int, int], rank_tol: float | None) -> tuple[int, float]:
+    """(rank, noise) of a normalised spectrum: above ``rank_tol``, or at its largest drop, or at the edge of its
+    noise bulk (see ``span_basis``)."""
+    if rank_tol is not None:
+        return max(1, int((spectrum > rank_tol).sum())), 0.0
+    rank = _largest_drop(spectrum)
+    return (rank, 0.0) if rank else _noise_bulk(spectrum, shape)
 
 
 def _largest_drop(spectrum: torch.Tensor) -> int:
