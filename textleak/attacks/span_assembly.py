@@ -113,21 +113,22 @@ class SentenceSearch:
         """Whether the search's time budget is spent."""
         return time.perf_counter() > self.deadline
 
-    def _note(self, sentences: torch.Tensor, worst: torch.Tensor) -> None:
-        """Keep the first-layer outputs of sentences that pass; once they span the second layer's whole span, every
-        sentence that reached the gradient is found (``settled``): an mlm sentence with nothing masked, or a
-        repeat, sends no rows of its own, and searching on for it would only spend the time limit. Clean updates
-        only: under noise the span's rank undercounts the rows."""
-        if self.span.noise > 0:  # noise hides some of a sentence's directions: the rank undercounts the rows
-            return
-        for index in (worst <= self.accept).nonzero().flatten().tolist():
-            ids = tuple(sentences[index].tolist())
-            if ids in self._passed:
-                continue
-            self._passed[ids] = self.first(sentences[index : index + 1])[0].to(torch.float64)
+    def accepts(self, found: Found, confirm: Callable[[Found], bool] | None = None) -> bool:
+        """Whether ``found`` passes the second layer (``accept``) and ``confirm``. The accepted sentences' first-layer
+        outputs are kept; once they span the second layer's whole span, every sentence that reached the gradient
+        is found (``settled``): an mlm sentence with nothing masked, or a repeat, sends no rows of its own, and
+        searching on for it would only spend the time limit. Only accepted sentences count: on a random model's
+        near-uniform attention, mixes of the batch's sentences pass the second layer too, and together they span it
+        (random RoBERTa-tiny, B=2: the search stopped on them before finding either sentence). Clean updates only:
+        under noise the span's rank undercounts the rows."""
+        if found.score > self.accept or (confirm is not None and not confirm(found)):
+            return False
+        if self.span.noise == 0 and found.ids not in self._passed:
+            self._passed[found.ids] = self.first(torch.tensor([found.ids]))[0].to(torch.float64)
             rows = torch.cat(list(self._passed.values()))
             if len(rows) >= self.span.rank and int(torch.linalg.matrix_rank(rows, rtol=SETTLED_RTOL)) >= self.span.rank:
                 self.settled = True
+        return True
 
     def rows(self, sentences: torch.Tensor) -> torch.Tensor:
         """(n, L): each first-layer output row's relative residual against the second layer's span."""
@@ -145,7 +146,6 @@ class SentenceSearch:
             rows = self.rows(sentences[start : start + self.batch])
             objective.append(_objective(rows))
             worst.append(rows.amax(dim=-1))
-            self._note(sentences[start : start + self.batch], worst[-1])
         return torch.cat(objective), torch.cat(worst)
 
     def search(
@@ -382,7 +382,7 @@ def assemble(
                 options = options_for(length, accepted)
                 width = widths(length, accepted) if widths is not None else [batch_size] * len(options)
                 result = _search_narrow_first(search, options, width, wide, accepted, found, quick, restarts)
-                if result.score <= search.accept and (confirm is None or confirm(result)):
+                if search.accepts(result, confirm):
                     accepted.append(result)
                     found.add(result.ids)
                     progress = True
@@ -485,7 +485,7 @@ def assemble_by_anchors(
             ids = tuple(best[1])
             found = Found(ids, float(worst[0]))
             fresh = all(ids != f.ids for f in accepted)
-            if found.score <= search.accept and fresh and (confirm is None or confirm(found)):
+            if fresh and search.accepts(found, confirm):
                 accepted.append(found)
     return accepted
 

@@ -474,7 +474,7 @@ def assemble_by_context(
         options = [list(dict.fromkeys([t, *tokens])) for t, tokens in zip(sentence, narrow, strict=True)]
         reserve = None if reserve_for is None else reserve_for(length, accepted)
         found = search.search(sentence, options, avoid={f.ids for f in accepted}, restarts=0, reserve=reserve)
-        return found if found.score <= search.accept and (confirm is None or confirm(found)) else None
+        return found if search.accepts(found, confirm) else None
 
     def held(anchor: tuple[int, int]) -> bool:
         return any(anchor[1] < len(f.ids) and f.ids[anchor[1]] == anchor[0] for f in accepted)
