@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -198,17 +198,18 @@ class ContextSolver:
         best = start
         for _ in range(PRICE_ROUNDS):
             columns = best.allowed.nonzero().flatten()
+            held = np.zeros(len(self.occurrences), dtype=bool)
+            held[best.live.numpy()] = True
+            held = held[columns.numpy()]
             x = torch.zeros(len(self.occurrences), dtype=torch.float64)
             x[best.live] = best.m
-            design = _blocks(self._terms([best.anchor], columns), x[columns].numpy())[0]
-            gradient = design.T @ (design @ x[columns].numpy())
+            x = x[columns].numpy()
+            design = _blocks(self._terms([best.anchor], columns), x)[0]
+            gradient = design.T @ (design @ x)
             at = self.position[columns].numpy()
-            live = np.zeros(len(self.occurrences), dtype=bool)
-            live[best.live.numpy()] = True
-            weighted = live[columns.numpy()] & (x[columns].numpy() > 0)
-            least = np.full(best.length, np.inf)
-            np.minimum.at(least, at[weighted], gradient[weighted])
-            reduced = np.where(live[columns.numpy()], np.inf, gradient - least[at])
+            least = np.full(best.length, np.inf)  # per position: the least gradient among its weighted candidates
+            np.minimum.at(least, at[held & (x > 0)], gradient[held & (x > 0)])
+            reduced = np.where(held, np.inf, gradient - least[at])
             order = np.argsort(reduced)[:PRICE_TAKE]
             added = columns[torch.from_numpy(order[reduced[order] < 0])]
             if len(added) == 0:
@@ -218,8 +219,8 @@ class ContextSolver:
             m, residual = self._solve([best.anchor], grown, self.position[grown], best.length, begin, FIRST_STEPS)
             if residual >= best.residual:
                 break
-            best = FirstSolve(best.position, best.length, best.allowed, grown, m, residual, best.anchor)
-        return FirstSolve(best.position, best.length, best.allowed, best.live, best.m, best.residual, best.anchor, True)
+            best = replace(best, live=grown, m=m, residual=residual)
+        return replace(best, priced=True)
 
     def refine(self, start: FirstSolve) -> tuple[float, list[int]]:
         """(residual, sentence) after solving again with the first solve's surest positions as extra anchors and
@@ -424,17 +425,19 @@ def assemble_by_context(
     For each anchor not yet in a found sentence, a first solve per sentence end no found sentence has, per length
     among the first ``SPARE_LENGTHS`` of ``spare`` (other candidate lengths, most likely first: the ends come from
     the pairing, which can rank a spurious [SEP] above a true one), and per end a found sentence already has (two
-    sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens). An anchor whose best first solve is at
-    most ``CLEAR_START`` is finished at once; with ``defer`` the others wait until every anchor has had its first
-    solves, and are then finished lowest residual first (without it, each is finished in turn: a masked-LM update's
-    first solves are too loose for their residual to rank anchors). To finish, the ``PROPOSALS_TRIED`` first solves
-    with the lowest residual are refined, and the second layer's search descends from each refined proposal, lowest
-    residual first, among ``options_for`` the length (each position's narrow favourites plus the proposed token),
-    widening near a sentence to the tokens of ``reserve_for`` the length (each position's full candidate list) that
-    those options lack; it keeps a sentence the second layer accepts. When none is accepted, quick solves
-    (``SCREEN_STEPS``) rank every other length of ``spare``, and the best ``PROPOSALS_TRIED`` are solved, refined
-    and searched the same way. ``budget`` (seconds) bounds the phase; ``stop_after`` new sentences end it (the span
-    attack peels them off the update and starts over on the rest).
+    sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens). Unless one is within ``CLEAR_START``,
+    the best first solve is priced (``ContextSolver.price``). An anchor whose best first solve is at most
+    ``CLEAR_START`` (``CLEAR_PRICED`` once priced) is finished at once; with ``defer`` the others wait until every
+    anchor has had its first solves or ``FIRST_PASS_SHARE`` of the budget is spent, and are then finished lowest
+    residual first, and the anchors not reached after them, each in turn (without ``defer``, each anchor is finished
+    in turn: a masked-LM update's first solves are too loose for their residual to rank anchors). To finish, the
+    ``PROPOSALS_TRIED`` first solves with the lowest residual are priced and refined, and the second layer's search
+    descends from each refined proposal, lowest residual first, among ``options_for`` the length (each position's
+    narrow favourites plus the proposed token), widening near a sentence to the tokens of ``reserve_for`` the length
+    (each position's full candidate list) that those options lack; it keeps a sentence the second layer accepts.
+    When none is accepted, quick solves (``SCREEN_STEPS``) rank every other length of ``spare``, and the best
+    ``PROPOSALS_TRIED`` are solved, refined and searched the same way. ``budget`` (seconds) bounds the phase;
+    ``stop_after`` new sentences end it (the span attack peels them off the update and starts over on the rest).
     """
     accepted = list(accepted or [])
     wanted = batch_size if stop_after is None else min(batch_size, len(accepted) + stop_after)
