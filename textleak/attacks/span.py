@@ -40,6 +40,7 @@ from textleak.attacks.span_scoring import (
     SpanBasis,
     candidate_residuals,
     embedding_parts,
+    encoder_layers,
     first_layer_inputs,
     qkv_gradient_names,
     span_basis,
@@ -424,7 +425,7 @@ class SpanAttack:
         if not cfg.peel or not 0 < len(found) < update.metadata.batch_size:
             return None
         clock = time.perf_counter()
-        peeled = peel(update, target, [f.ids for f in found])
+        peeled = peel(update, target, [f.ids for f in found], keep=_read(target.model))
         timings["peel"] = timings.get("peel", 0.0) + time.perf_counter() - clock
         if peeled is None:
             return None
@@ -588,6 +589,13 @@ def _agrees(
     if test.confirms(found.ids, anchors, accept):
         return True
     return rank_test is not None and rank_test(found.ids)
+
+
+def _read(model: torch.nn.Module) -> set[str]:
+    """The parameters whose gradients the attack reads: all but those of the encoder layers past the second (the
+    embeddings, the first two layers, the heads)."""
+    later = {id(p) for layer in encoder_layers(model)[2:] for p in layer.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) not in later}
 
 
 def _token_types(update: Update) -> list[int]:

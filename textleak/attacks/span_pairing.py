@@ -75,9 +75,11 @@ class Pairing:
 
 
 def _gradient(update: Update, suffix: str) -> torch.Tensor | None:
+    """The update's gradient of the parameter named ``suffix``, in its own dtype: the word table's is large
+    (BERT-base: 23M entries), so only the rows used are taken to float64."""
     for name, grad in update.gradients.items():
         if name.endswith(suffix):
-            return grad.to(torch.float64)
+            return grad
     return None
 
 
@@ -101,15 +103,18 @@ def _project_capped_rows(values: np.ndarray) -> np.ndarray:
 
 
 def _outside(word: torch.Tensor, bag: list[int]) -> torch.Tensor:
-    """The word-gradient rows of tokens outside the bag: no input holds them, only a tied decoder fills them."""
+    """The word-gradient rows of tokens outside the bag, in float64: no input holds them, only a tied decoder fills
+    them."""
     outside = torch.ones(word.shape[0], dtype=torch.bool)
     outside[bag] = False
-    return word[outside]
+    return word[outside].to(torch.float64)
 
 
 def _untied(word: torch.Tensor, bag: list[int]) -> bool:
     """Whether the word-embedding gradient is the input side alone: every row outside the bag is zero."""
-    return float(_outside(word, bag).abs().max()) == 0.0
+    filled = word.abs().amax(dim=1) > 0
+    filled[bag] = False
+    return not bool(filled.any())
 
 
 def _fit(
@@ -146,7 +151,7 @@ def _decoder_complement(word: torch.Tensor, bag: list[int]) -> torch.Tensor | No
     basis = vectors[:, singular > DECODER_RANK_TOL * float(singular.max())]
     if basis.shape[1] > DECODER_RANK_SHARE * word.shape[1]:
         return None
-    return torch.eye(word.shape[1], dtype=word.dtype) - basis @ basis.T
+    return torch.eye(word.shape[1], dtype=torch.float64) - basis @ basis.T
 
 
 def _loud(targets: torch.Tensor) -> torch.Tensor | None:
@@ -170,7 +175,7 @@ def _pair_masked(
     complement = _decoder_complement(word, bag)
     if complement is None:
         return None
-    rows, targets = word[bag] @ complement, targets @ complement
+    rows, targets = word[bag].to(torch.float64) @ complement, targets @ complement
     loud = _loud(targets)
     if loud is None or bool(loud.all()):
         return None
@@ -212,12 +217,12 @@ def pair_tokens(
     word, position = _gradient(update, WORD), _gradient(update, POSITION)
     if word is None or position is None or not bag:
         return None
-    targets = position[offset : offset + positions]
+    targets = position[offset : offset + positions].to(torch.float64)
     task = update.metadata.task
     if not _untied(word, bag):
         if task == "mlm" and mask is not None:
             return _pair_masked(word, targets, bag, mask, iterations)
         if exact or task != "classification":
             return None
-    weights, residual = _fit(word[bag], targets, iterations, _project_simplex_rows)
+    weights, residual = _fit(word[bag].to(torch.float64), targets, iterations, _project_simplex_rows)
     return Pairing(tokens=list(bag), weights=weights, residual=residual)

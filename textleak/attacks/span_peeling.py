@@ -23,7 +23,7 @@ quantised, locally trained or aggregated updates cannot be, nor all-tokens ones.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,12 @@ def peel_refusal(update: Update) -> str | None:
     return None
 
 
-def peel(update: Update, target: LoadedModel, sentences: Sequence[Sequence[int]]) -> Peeled | None:
+def peel(
+    update: Update,
+    target: LoadedModel,
+    sentences: Sequence[Sequence[int]],
+    keep: Collection[str] | None = None,
+) -> Peeled | None:
     """``update`` less the gradients of those ``sentences`` whose label the first layer's span confirms.
 
     Each sentence is tried with every label (classification) or with the labels its head gradients show (mlm) on
@@ -79,6 +84,10 @@ def peel(update: Update, target: LoadedModel, sentences: Sequence[Sequence[int]]
     ties, as when noise hides a sentence's rows below the bulk's edge. The norm alone is not enough: on a random
     BERT it can favour a wrong label, or a sentence not in the batch, whose rows raise the rank. A sentence no label
     lowers the score for stays in. None when the update cannot be peeled or no sentence qualifies.
+
+    ``keep``: the gradients the rest holds (by default all of the update's). A caller that reads only some passes
+    them: each peel recomputes and subtracts every kept tensor, which for all of BERT-base's 110M parameters took a
+    second of its 2.5 s.
     """
     if peel_refusal(update) is not None or not sentences:
         return None
@@ -100,7 +109,7 @@ def peel(update: Update, target: LoadedModel, sentences: Sequence[Sequence[int]]
     taken_slots = sum(map(_slots, kept_labels))
     if not kept_ids or taken_slots >= slots:  # nothing to take, or nothing would be left
         return None
-    names = list(update.gradients)
+    names = [name for name in update.gradients if keep is None or name in keep]
     taken = _gradients(model, kept_ids, kept_labels, names, pad_id, task)
     # the update is the mean over the batch's slots, ``taken`` the mean over the peeled ones': the rest is sent as the
     # mean over its own slots, exactly the update a client holding only its sentences would send
