@@ -87,6 +87,11 @@ PRICE_ROUNDS, PRICE_TAKE = 5, 15
 #: ``CLEAR_START`` for a priced first solve, whose residual falls further for the same error. The same 55 anchors:
 #: exact priced solves at 2e-6-0.15 (8 of 13 at most 0.02), 2-9 tokens off at 0.04-0.085.
 CLEAR_PRICED = 0.03
+#: A first solve at most this is the sentence, or a token off, and the anchor's other lengths are not solved. Random
+#: BERT-base SST-2 B=8 batch 3, the first anchor of each peeled round: exact at 1e-5-1e-4, 1 token off at 0.14-0.19,
+#: wrong lengths 0.6-1.6, where the other lengths took 1-2 s of the round; MiniLM wrong lengths at least 0.13 (see
+#: ``CLEAR_START``).
+CLEAR_EXACT = 1e-3
 #: The first pass over the anchors (first solves, the best priced) ends at this share of the phase's budget, and the
 #: waiting anchors are finished, most promising first. MiniLM SST-2 B=8 batch 7, the rest of seven sentences: the
 #: first pass took 2-3 s an anchor and used the whole 24 s budget on 12 of its anchors, so an exact priced proposal
@@ -222,13 +227,17 @@ class ContextSolver:
             best = replace(best, live=grown, m=m, residual=residual)
         return replace(best, priced=True)
 
+    def rounded(self, start: FirstSolve) -> list[int]:
+        """The sentence of a solve: each position's favourite occurrence."""
+        return _rounded(start.m, self.position[start.live], start.live, start.length, self.occurrences)
+
     def refine(self, start: FirstSolve) -> tuple[float, list[int]]:
         """(residual, sentence) after solving again with the first solve's surest positions as extra anchors and
         the tokens allowed anywhere at the positions it is unsure of; the first solve's own answer when that
         solve ends with a residual (per anchor) over ``REFINED_WORSE`` times the first's."""
         live, length, m = start.live, start.length, start.m
         at = self.position[live]
-        first = start.residual, _rounded(m, at, live, length, self.occurrences)
+        first = start.residual, self.rounded(start)
         sure = _surest(m, at, length, exclude={start.position}, count=EXTRA_ANCHORS)
         if not sure:
             return first
@@ -425,13 +434,15 @@ def assemble_by_context(
     For each anchor not yet in a found sentence, a first solve per sentence end no found sentence has, per length
     among the first ``SPARE_LENGTHS`` of ``spare`` (other candidate lengths, most likely first: the ends come from
     the pairing, which can rank a spurious [SEP] above a true one), and per end a found sentence already has (two
-    sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens). Unless one is within ``CLEAR_START``,
+    sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens), in that order up to the first within
+    ``CLEAR_EXACT``. Unless one is within ``CLEAR_START``,
     the best first solve is priced (``ContextSolver.price``). An anchor whose best first solve is at most
     ``CLEAR_START`` (``CLEAR_PRICED`` once priced) is finished at once; with ``defer`` the others wait until every
     anchor has had its first solves or ``FIRST_PASS_SHARE`` of the budget is spent, and are then finished lowest
     residual first, and the anchors not reached after them, each in turn (without ``defer``, each anchor is finished
     in turn: a masked-LM update's first solves are too loose for their residual to rank anchors). To finish, the
-    ``PROPOSALS_TRIED`` first solves with the lowest residual are priced and refined, and the second layer's search
+    ``PROPOSALS_TRIED`` first solves with the lowest residual are priced and refined (one within ``CLEAR_EXACT`` is
+    taken as it is), and the second layer's search
     descends from each refined proposal, lowest residual first, among ``options_for`` the length (each position's
     narrow favourites plus the proposed token), widening near a sentence to the tokens of ``reserve_for`` the length
     (each position's full candidate list) that those options lack; it keeps a sentence the second layer accepts.
@@ -451,7 +462,10 @@ def assemble_by_context(
         ``CLEAR_START`` at once, before the next refinement); the first sentence accepted."""
         proposals = []
         for start in sorted(starts, key=lambda f: f.residual)[:PROPOSALS_TRIED]:
-            residual, sentence = solver.refine(solver.price(start))
+            if start.residual <= CLEAR_EXACT:  # the sentence already: nothing to price or refine
+                residual, sentence = start.residual, solver.rounded(start)
+            else:
+                residual, sentence = solver.refine(solver.price(start))
             proposals.append((residual, start.length, sentence))
             if residual <= CLEAR_START:  # near a sentence: searched before the next (slower, worse) refinement,
                 found = search_from(start.length, sentence, clear=True)  # even past the phase's budget
@@ -499,10 +513,16 @@ def assemble_by_context(
         may not ``wait`` (then also screened). (best residual, lengths tried, first solves, whether finished) when
         it waits or was finished in vain, None when a sentence was accepted."""
         lengths = {len(f.ids) for f in accepted}
-        tried = [n for n in ends if n not in lengths]
-        tried += [n for n in spare or [] if n not in ends and n not in lengths][:SPARE_LENGTHS]
-        tried += [n for n in ends if n in lengths]
-        starts = [f for f in (solver.first_solve(anchor, n, first, last) for n in tried) if f is not None]
+        order = [n for n in ends if n not in lengths]
+        order += [n for n in spare or [] if n not in ends and n not in lengths][:SPARE_LENGTHS]
+        order += [n for n in ends if n in lengths]
+        tried, starts = [], []
+        for n in order:
+            tried.append(n)
+            start = solver.first_solve(anchor, n, first, last)
+            starts += [] if start is None else [start]
+            if start is not None and start.residual <= CLEAR_EXACT:  # the sentence: no other length can do better
+                break
         if starts and min(f.residual for f in starts) > CLEAR_START:  # the best, with the tokens pricing adds
             starts.sort(key=lambda f: f.residual)
             starts[0] = solver.price(starts[0])

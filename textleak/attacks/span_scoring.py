@@ -235,8 +235,10 @@ def candidate_residuals(
     keep: int = 32,
     chunk: int = 4096,
     exclude: torch.Tensor | None = None,
+    vocabulary: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``keep`` lowest relative residuals per (position, type) over the whole vocabulary.
+    """The ``keep`` lowest relative residuals per (position, type) over the whole vocabulary, or over the token ids
+    ``vocabulary`` only.
 
     Returns (residuals, token ids), each (positions, len(types), keep), residuals ascending. ``exclude`` is a
     (V,) mask of tokens never to propose (reserved entries the tokenizer never emits).
@@ -256,8 +258,11 @@ def candidate_residuals(
     rb_sq, b_sq = float(r_beta @ r_beta), float(parts.beta @ parts.beta)
     best_res = torch.full((m, 0), math.inf, dtype=torch.float64)
     best_ids = torch.zeros((m, 0), dtype=torch.long)
-    for start in range(0, parts.word.shape[0], chunk):
-        e_c = parts.word[start : start + chunk]
+    scored = torch.arange(parts.word.shape[0]) if vocabulary is None else vocabulary
+    if exclude is not None:
+        scored = scored[~exclude[scored]]
+    for start in range(0, len(scored), chunk):
+        e_c = parts.word[scored[start : start + chunk]]
         e_c = e_c - e_c.mean(-1, keepdim=True)
         u_e = parts.gamma * e_c
         proj = u_e @ basis
@@ -273,9 +278,7 @@ def candidate_residuals(
         res_sq = ra_sq / s_sq + 2 * (rue_b[:, None] + rupt_b) / s + rb_sq
         x_sq = a_sq / s_sq + 2 * (ue_b[:, None] + upt_b) / s + b_sq
         rel = (res_sq.clamp_min(0) / x_sq).sqrt().T  # (m, chunk)
-        if exclude is not None:
-            rel[:, exclude[start : start + chunk]] = math.inf
-        ids = torch.arange(start, start + rel.shape[1]).expand(m, -1)
+        ids = scored[start : start + chunk].expand(m, -1)
         merged = torch.cat([best_res, rel], dim=1)
         order = merged.topk(min(keep, merged.shape[1]), dim=1, largest=False)
         best_res = order.values
