@@ -109,6 +109,13 @@ def test_vectorised_scorer_matches_slow_loop(models):
     # the true token is the best candidate at every position, with type 0
     best = [vocab[int(i)] for i in ids[:, 0, 0]]
     assert best == list(truth.input_ids[0])
+    # scoring only some token ids (a peeled rest's: the whole batch's candidates) gives those same residuals
+    some = torch.tensor(sorted({int(i) for i in ids[:, 0, :3].flatten()}))
+    part, part_ids = candidate_residuals(parts, span, positions, [0, 1], keep=len(some), chunk=7, vocabulary=some)
+    assert set(part_ids.flatten().tolist()) == set(some.tolist())
+    for p in range(positions):
+        expected = dict(zip(ids[p, 0].tolist(), fast[p, 0].tolist(), strict=True))
+        assert part[p, 0].tolist() == pytest.approx([expected[i] for i in part_ids[p, 0].tolist()], rel=1e-6, abs=1e-9)
 
 
 def test_duplicate_sentences_are_flagged_and_returned(models):

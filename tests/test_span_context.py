@@ -321,6 +321,37 @@ def test_two_exchanged_tokens_are_swapped_back(mini):
 
 
 
+def test_an_exact_first_solve_is_searched_as_it_is_without_the_other_lengths(mini):
+    """A first solve within ``CLEAR_EXACT`` at the first end is the sentence: the anchor's other lengths are not
+    solved, nothing is priced or refined, and the search returns the accepted proposal without a descent."""
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    solver, count = _solver(mini, update, truth)
+    tok = mini.tokenizer
+    search, options_for = _second_layer_search(mini, update), _batch_tokens(truth, tok)
+    target = list(truth.input_ids[0])
+    anchor = next((t, p) for p, t in enumerate(target) if count[t] == 1 and 0 < p < len(target) - 1)
+    ends = [len(target), len(truth.input_ids[1]), len(target) + 2]
+    solved, calls = [], []
+    first_solve = solver.first_solve
+    solver.first_solve = lambda a, n, *args, **kwargs: solved.append(n) or first_solve(a, n, *args, **kwargs)
+    solver.price = lambda start: calls.append("price") or start
+    solver.refine = lambda start: calls.append("refine") or (start.residual, solver.rounded(start))
+    search.descend = lambda *args, **kwargs: calls.append("descend") or Found((), math.inf)
+    found = assemble_by_context(search, solver, [anchor], ends, options_for, 1, first=tok.cls_token_id,
+                                last=tok.sep_token_id)
+    assert [list(f.ids) for f in found] == [target]
+    assert solved == [len(target)] and calls == []
+    # the other sentence's anchor: its solve at the first end (a wrong length) is not exact, so the next is solved,
+    # and the exact one there ends the anchor's lengths
+    other = list(truth.input_ids[1])
+    anchor = next((t, p) for p, t in enumerate(other) if count[t] == 1 and 0 < p < len(other) - 1)
+    solved.clear()
+    found = assemble_by_context(search, solver, [anchor], [len(target), len(other), len(other) + 2], options_for, 1,
+                                first=tok.cls_token_id, last=tok.sep_token_id)
+    assert [list(f.ids) for f in found] == [other]
+    assert solved == [len(target), len(other)] and calls == []
+
+
 def test_a_proposal_that_mixes_sentences_is_not_searched(mini):
     """A refined proposal far from every sentence (half of one long sentence, half of another) is dropped before the
     second layer's search, which would spend seconds descending from it; one wrong token still gets searched."""

@@ -34,6 +34,12 @@ def test_peeling_a_true_sentence_leaves_the_update_of_the_others_alone(mini):
     # word rows only the peeled sentence used are exactly zero again, as in the other sentences' own update
     word = next(n for n in others.gradients if n.endswith("word_embeddings.weight"))
     assert torch.equal(peeled.update.gradients[word].abs().sum(1) == 0, others.gradients[word].abs().sum(1) == 0)
+    # a caller that reads only some gradients gets the rest of just those, with the same values
+    first_layer = [n for n in update.gradients if ".layer.0." in n]
+    kept = peel(update, mini, [truth.input_ids[0]], keep=first_layer)
+    assert kept is not None and sorted(kept.update.gradients) == sorted(first_layer)
+    for name in first_layer:
+        assert torch.equal(kept.update.gradients[name], peeled.update.gradients[name]), name
 
 
 def test_each_sentence_gets_its_own_label_and_a_stranger_is_not_peeled(mini):
