@@ -435,20 +435,19 @@ def assemble_by_context(
     among the first ``SPARE_LENGTHS`` of ``spare`` (other candidate lengths, most likely first: the ends come from
     the pairing, which can rank a spurious [SEP] above a true one), and per end a found sentence already has (two
     sentences may share a length: CoLA B=4 batch 1 holds two of 14 tokens), in that order up to the first within
-    ``CLEAR_EXACT``. Unless one is within ``CLEAR_START``,
-    the best first solve is priced (``ContextSolver.price``). An anchor whose best first solve is at most
-    ``CLEAR_START`` (``CLEAR_PRICED`` once priced) is finished at once; with ``defer`` the others wait until every
-    anchor has had its first solves or ``FIRST_PASS_SHARE`` of the budget is spent, and are then finished lowest
-    residual first, and the anchors not reached after them, each in turn (without ``defer``, each anchor is finished
-    in turn: a masked-LM update's first solves are too loose for their residual to rank anchors). To finish, the
-    ``PROPOSALS_TRIED`` first solves with the lowest residual are priced and refined (one within ``CLEAR_EXACT`` is
-    taken as it is), and the second layer's search
-    descends from each refined proposal, lowest residual first, among ``options_for`` the length (each position's
-    narrow favourites plus the proposed token), widening near a sentence to the tokens of ``reserve_for`` the length
-    (each position's full candidate list) that those options lack; it keeps a sentence the second layer accepts.
-    When none is accepted, quick solves (``SCREEN_STEPS``) rank every other length of ``spare``, and the best
-    ``PROPOSALS_TRIED`` are solved, refined and searched the same way. ``budget`` (seconds) bounds the phase;
-    ``stop_after`` new sentences end it (the span attack peels them off the update and starts over on the rest).
+    ``CLEAR_EXACT``. Unless one is within ``CLEAR_START``, the best first solve is priced (``ContextSolver.price``).
+    An anchor whose best first solve is at most ``CLEAR_START`` (``CLEAR_PRICED`` once priced) is finished at once;
+    with ``defer`` the others wait until every anchor has had its first solves or ``FIRST_PASS_SHARE`` of the budget
+    is spent, and are then finished lowest residual first, and the anchors not reached after them, each in turn
+    (without ``defer``, each anchor is finished in turn: a masked-LM update's first solves are too loose for their
+    residual to rank anchors). To finish, the ``PROPOSALS_TRIED`` first solves with the lowest residual are priced
+    and refined (one within ``CLEAR_EXACT`` is taken as it is), and the second layer's search descends from each
+    refined proposal, lowest residual first, among ``options_for`` the length (each position's narrow favourites
+    plus the proposed token), widening near a sentence to the tokens of ``reserve_for`` the length (each position's
+    full candidate list) that those options lack; it keeps a sentence the second layer accepts. When none is
+    accepted, quick solves (``SCREEN_STEPS``) rank every other length of ``spare``, and the best ``PROPOSALS_TRIED``
+    are solved, refined and searched the same way. ``budget`` (seconds) bounds the phase; ``stop_after`` new
+    sentences end it (the span attack peels them off the update and starts over on the rest).
     """
     accepted = list(accepted or [])
     wanted = batch_size if stop_after is None else min(batch_size, len(accepted) + stop_after)
