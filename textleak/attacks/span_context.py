@@ -160,7 +160,14 @@ class ContextSolver:
         candidate or the first solve would be far underdetermined (``UNDERDETERMINED``). The residual is per anchor,
         of the answer's solve (see ``refine``): near zero when a consistent sentence was found."""
         start = self.first_solve(anchor, length, first, last)
-        return None if start is None else self.refine(self.price(start))
+        return None if start is None else self.proposal(start)
+
+    def proposal(self, start: FirstSolve) -> tuple[float, list[int]]:
+        """(residual, sentence) from a first solve: within ``CLEAR_EXACT`` it is the sentence already, taken as it
+        is; otherwise it is priced and refined."""
+        if start.residual <= CLEAR_EXACT:
+            return start.residual, self.rounded(start)
+        return self.refine(self.price(start))
 
     def first_solve(
         self, anchor: tuple[int, int], length: int, first: int, last: int, steps: int = FIRST_STEPS
@@ -461,10 +468,7 @@ def assemble_by_context(
         ``CLEAR_START`` at once, before the next refinement); the first sentence accepted."""
         proposals = []
         for start in sorted(starts, key=lambda f: f.residual)[:PROPOSALS_TRIED]:
-            if start.residual <= CLEAR_EXACT:  # the sentence already: nothing to price or refine
-                residual, sentence = start.residual, solver.rounded(start)
-            else:
-                residual, sentence = solver.refine(solver.price(start))
+            residual, sentence = solver.proposal(start)
             proposals.append((residual, start.length, sentence))
             if residual <= CLEAR_START:  # near a sentence: searched before the next (slower, worse) refinement,
                 found = search_from(start.length, sentence, clear=True)  # even past the phase's budget
