@@ -296,7 +296,7 @@ def test_a_sentence_among_many_distractors_per_position_is_still_proposed(mini):
     ids = list(truth.input_ids[0])
     anchor = next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1)
     start = solver.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
-    assert (len(start.live) - len(ids)) > 1.25 * solver.off.shape[2]  # beyond the old limit
+    assert (len(start.live) - len(ids)) > 1.25 * solver.off.shape[1]  # beyond the old limit
     assert solver.refine(start)[1] == ids
 
 

@@ -192,15 +192,18 @@ class SpanAttack:
         progress: Progress | None,
         deadline: float | None = None,
         vocabulary: torch.Tensor | None = None,
+        solved: dict[tuple[int, int], dict[int, float]] | None = None,
     ) -> Reconstruction:
         """The attack; ``deadline`` (``time.perf_counter()`` seconds): when the sentence search must end, for the rest
         of a peeled batch (by default ``time_limit`` after the search starts); ``vocabulary``: the only tokens its
-        first layer scores (for the rest of a peeled batch: the candidates kept for the whole batch)."""
+        first layer scores (for the rest of a peeled batch: the candidates kept for the whole batch); ``solved``: the
+        context phase's first-solve residuals per anchor and length from the earlier rounds (``assemble_by_context``)."""
         cfg, tok, model = self.config, target.tokenizer, target.model
         meta = update.metadata
         warnings: list[str] = []
         timings: dict[str, float] = {}
         clock = time.perf_counter()
+        solved = {} if solved is None else solved
 
         span1 = span_basis(stacked_gradient(update, qkv_gradient_names(model, 0)), cfg.rank_tol)
         warnings += _rank_warnings(span1, "first")
@@ -311,7 +314,7 @@ class SpanAttack:
             return {f.ids: phase for phase, found in named for f in found}
 
         def peeled(found: list[Found]) -> Reconstruction | None:
-            return self._peeled(update, target, found, search, warnings, timings, phases, kept)
+            return self._peeled(update, target, found, search, warnings, timings, phases, kept, solved)
         confirm: Callable[[Found], bool] | None = None
         if cfg.attention and test is not None and pairing is not None:
             anchor_set = {(t, p) for t, p in single if t not in (sep, cls, pad)}
@@ -339,6 +342,7 @@ class SpanAttack:
                         # an mlm pairing's first solves are 2-22 tokens off even at residuals of 0.01 (MiniLM
                         # SST-2 B=4 batches 9, 12): no ranking of anchors; each is finished in turn
                         defer=pairing.pooled is None,
+                        solved=solved,
                     )
                 timings["context"] = time.perf_counter() - clock_phase
                 if (rest := peeled(contextual)) is not None:
@@ -428,13 +432,15 @@ class SpanAttack:
         timings: dict[str, float],
         phases: Callable[[], dict[tuple[int, ...], str]],
         vocabulary: torch.Tensor,
+        solved: dict[tuple[int, int], dict[int, float]],
     ) -> Reconstruction | None:
         """``found`` plus the span attack on the update less their gradients (span_peeling), in what is left of the
         search's time (``PEEL_MIN_S`` for a last sentence); None when peeling is off, nothing or everything is found,
         the update cannot be peeled, or too little time is left. ``phases`` names the phase that found each sentence
         so far: a peeled sentence counts in its phase's total in the details. ``vocabulary``: the candidates kept for
         the whole batch, the only tokens the rest can hold, so its first layer scores them alone (random BERT-base:
-        0.8 s of a peeled round's 6 s of set-up, where one round finds one sentence in 1-5 s)."""
+        0.8 s of a peeled round's 6 s of set-up, where one round finds one sentence in 1-5 s). ``solved``: the context
+        phase's record of first solves, carried into the rest."""
         cfg = self.config
         if not cfg.peel or not 0 < len(found) < update.metadata.batch_size:
             return None
@@ -448,7 +454,7 @@ class SpanAttack:
             deadline = max(search.deadline, time.perf_counter() + PEEL_MIN_S)
             if deadline > search.deadline and peeled.update.metadata.batch_size > 1:
                 return None
-        rest = self._reconstruct(peeled.update, target, None, deadline, vocabulary)
+        rest = self._reconstruct(peeled.update, target, None, deadline, vocabulary, solved)
         scores = {f.ids: f.score for f in found}
         token_ids = [list(ids) for ids in peeled.originals] + rest.token_ids
         details = {

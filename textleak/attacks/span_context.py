@@ -97,6 +97,11 @@ CLEAR_EXACT = 1e-3
 #: first pass took 2-3 s an anchor and used the whole 24 s budget on 12 of its anchors, so an exact priced proposal
 #: (residual 0.045) among them was never searched.
 FIRST_PASS_SHARE = 0.5
+#: In a peeled rest, an anchor an earlier round already solved is solved again only at this many of its best lengths
+#: then (lowest first-solve residual first), and at any end it was not solved at. Random BERT-base and MiniLM SST-2
+#: B=8 batch 1, every anchor of every round: the true length ranked first or second among an anchor's lengths
+#: whenever it was among them, while the seven or so others each cost a first solve (0.2-0.6 s) per anchor and round.
+CARRIED_LENGTHS = 2
 
 
 @dataclass(frozen=True)
@@ -146,11 +151,12 @@ class ContextSolver:
             torch.full((n,), token_type, dtype=torch.long),
         )
         size = query.out_features // heads
-        q, k, v = (x @ m.weight.detach().double().T + _bias(m) for m in (query, key, value))
-        self.queries = q.view(n, heads, size) / math.sqrt(size)
+        k, v = (x @ m.weight.detach().double().T + _bias(m) for m in (key, value))
         self.keys = k.view(n, heads, size)
-        # (heads, n, r): each occurrence's value, per head, mapped off the span (r = the complement's dimension)
-        self.off = torch.einsum("rhd,nhd->hnr", complement.view(-1, heads, size), v.view(n, heads, size))
+        # queries only for the anchors solved around, when first needed (all of them: a third of the set-up)
+        self._inputs, self._query, self._queries = x, query, {}
+        # (heads, r, n): each occurrence's value, per head, mapped off the span (r = the complement's dimension)
+        self.off = torch.einsum("rhd,nhd->hrn", complement.view(-1, heads, size), v.view(n, heads, size)).contiguous().numpy()
 
     def propose(
         self, anchor: tuple[int, int], length: int, first: int, last: int
@@ -189,7 +195,7 @@ class ContextSolver:
         at = self.position[live]
         if len(torch.unique(at)) < length:  # a position without candidates
             return None
-        if len(live) - length > UNDERDETERMINED * self.off.shape[2]:  # far more unknowns than one anchor's equations
+        if len(live) - length > UNDERDETERMINED * self.off.shape[1]:  # far more unknowns than one anchor's equations
             return None
         start = torch.zeros(len(live), dtype=torch.float64)  # projected onto the simplices: equal weights
         m, residual = self._solve([self.index[anchor]], live, at, length, start, steps)
@@ -208,15 +214,18 @@ class ContextSolver:
         if start.priced:
             return start
         best = start
+        columns = start.allowed.nonzero().flatten()
+        terms = self._terms([start.anchor], columns)  # once: the rounds' solves take their columns from it
+        column_of = np.zeros(len(self.occurrences), dtype=np.int64)
+        column_of[columns.numpy()] = np.arange(len(columns))
         for _ in range(PRICE_ROUNDS):
-            columns = best.allowed.nonzero().flatten()
             held = np.zeros(len(self.occurrences), dtype=bool)
             held[best.live.numpy()] = True
             held = held[columns.numpy()]
             x = torch.zeros(len(self.occurrences), dtype=torch.float64)
             x[best.live] = best.m
             x = x[columns].numpy()
-            design = _blocks(self._terms([best.anchor], columns), x)[0]
+            design = _blocks(terms, x)[0]
             gradient = design.T @ (design @ x)
             at = self.position[columns].numpy()
             least = np.full(best.length, np.inf)  # per position: the least gradient among its weighted candidates
@@ -228,7 +237,11 @@ class ContextSolver:
                 break
             grown = torch.cat([best.live, added])
             begin = torch.cat([best.m, torch.zeros(len(added), dtype=torch.float64)])
-            m, residual = self._solve([best.anchor], grown, self.position[grown], best.length, begin, FIRST_STEPS)
+            picked = column_of[grown.numpy()]
+            grown_terms = [(np.take(w, picked, axis=1), np.take(v, picked, axis=2)) for w, v in terms]
+            m, residual = self._solve(
+                [best.anchor], grown, self.position[grown], best.length, begin, FIRST_STEPS, terms=grown_terms
+            )
             if residual >= best.residual:
                 break
             best = replace(best, live=grown, m=m, residual=residual)
@@ -263,11 +276,19 @@ class ContextSolver:
         return residual, _rounded(m, at, wide, length, self.occurrences)
 
     def _solve(
-        self, anchors: list[int], live: torch.Tensor, at: torch.Tensor, length: int, m: torch.Tensor, steps: int
+        self,
+        anchors: list[int],
+        live: torch.Tensor,
+        at: torch.Tensor,
+        length: int,
+        m: torch.Tensor,
+        steps: int,
+        terms: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Alternate the per-head normalisers and the membership, from ``m``: least squares over each position's
-        weights on its simplex (non-negative, summing to one; see ``solve_on_simplices``)."""
-        terms = self._terms(anchors, live)
+        weights on its simplex (non-negative, summing to one; see ``solve_on_simplices``). ``terms``: the anchors'
+        ``_terms`` over ``live`` when already at hand."""
+        terms = self._terms(anchors, live) if terms is None else terms
         simplices = Simplices(at.numpy(), length)
         x = simplices.project(m.numpy())
         residual = math.inf
@@ -278,15 +299,23 @@ class ContextSolver:
             x = solve_on_simplices(design.T @ design, x, simplices)
         return torch.from_numpy(x), residual
 
+    def query_of(self, a: int) -> torch.Tensor:
+        """Occurrence ``a``'s (heads, head size) query, scaled by 1 / sqrt(head size)."""
+        if a not in self._queries:
+            heads, size = self.keys.shape[1:]
+            q = self._inputs[a] @ self._query.weight.detach().double().T + _bias(self._query)
+            self._queries[a] = q.view(heads, size) / math.sqrt(size)
+        return self._queries[a]
+
     def _terms(self, anchors: list[int], live: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per anchor: the (heads, n) attention weights on the ``live`` occurrences, unnormalised, and their
-        (heads, r * n) weighted off-span values."""
+        (heads, r, n) weighted off-span values."""
         terms = []
+        off = np.take(self.off, live.numpy(), axis=2)  # C-contiguous, as the products in ``_blocks`` need
         for a in anchors:
-            scores = torch.einsum("hd,nhd->hn", self.queries[a], self.keys[live])
-            weights = torch.exp(scores - scores.max(-1, keepdim=True).values)
-            weighted = self.off[:, live] * weights[..., None]  # (heads, n, r)
-            terms.append((weights.numpy(), weighted.transpose(1, 2).reshape(len(weights), -1).numpy()))
+            scores = torch.einsum("hd,nhd->hn", self.query_of(a), self.keys[live])
+            weights = torch.exp(scores - scores.max(-1, keepdim=True).values).numpy()
+            terms.append((weights, off * weights[:, None, :]))
         return terms
 
 
@@ -296,7 +325,7 @@ def _blocks(terms: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> list[n
     rows = []
     for weights, weighted in terms:
         normalisers = 1.0 / np.maximum(weights @ x, 1e-30)
-        block = (normalisers @ weighted).reshape(-1, len(x))
+        block = np.tensordot(normalisers, weighted, axes=1)  # (r, n)
         rows.append(block / max(float(np.linalg.norm(block, axis=0).mean()), 1e-300))
     return rows
 
@@ -434,6 +463,7 @@ def assemble_by_context(
     reserve_for: Callable[[int, list[Found]], list[list[int]]] | None = None,
     stop_after: int | None = None,
     defer: bool = True,
+    solved: dict[tuple[int, int], dict[int, float]] | None = None,
 ) -> list[Found]:
     """Sentences proposed around anchors by the context solve and finished by the second layer's search, after any
     ``accepted`` ones; ``confirm`` as in ``assemble``.
@@ -454,8 +484,11 @@ def assemble_by_context(
     full candidate list) that those options lack; it keeps a sentence the second layer accepts. When none is
     accepted, quick solves (``SCREEN_STEPS``) rank every other length of ``spare``, and the best ``PROPOSALS_TRIED``
     are solved, refined and searched the same way. ``budget`` (seconds) bounds the phase; ``stop_after`` new
-    sentences end it (the span attack peels them off the update and starts over on the rest).
+    sentences end it (the span attack peels them off the update and starts over on the rest). ``solved`` records
+    each anchor's first-solve residual per length; given an earlier round's record (the parent of a peeled rest),
+    an anchor it holds is solved again only at its ``CARRIED_LENGTHS`` best lengths and at the ends it lacks.
     """
+    solved = {} if solved is None else solved
     accepted = list(accepted or [])
     wanted = batch_size if stop_after is None else min(batch_size, len(accepted) + stop_after)
     deadline = math.inf if budget is None else time.perf_counter() + budget
@@ -519,11 +552,16 @@ def assemble_by_context(
         order = [n for n in ends if n not in lengths]
         order += [n for n in spare or [] if n not in ends and n not in lengths][:SPARE_LENGTHS]
         order += [n for n in ends if n in lengths]
+        if anchor in solved:  # an earlier round's best lengths for it, then the ends it was not solved at
+            known = sorted(solved[anchor], key=solved[anchor].__getitem__)
+            order = known[:CARRIED_LENGTHS] + [n for n in order if n not in solved[anchor]]
         tried, starts = [], []
         for n in order:
             tried.append(n)
             start = solver.first_solve(anchor, n, first, last)
             starts += [] if start is None else [start]
+            if start is not None:
+                solved.setdefault(anchor, {})[n] = start.residual
             if start is not None and start.residual <= CLEAR_EXACT:  # the sentence: no other length can do better
                 break
         if starts and min(f.residual for f in starts) > CLEAR_START:  # the best, with the tokens pricing adds

@@ -113,10 +113,7 @@ def peel(
     taken = _gradients(model, kept_ids, kept_labels, names, pad_id, task)
     # the update is the mean over the batch's slots, ``taken`` the mean over the peeled ones': the rest is sent as the
     # mean over its own slots, exactly the update a client holding only its sentences would send
-    rest = {
-        name: _less(update.gradients[name] * slots, taken[name] * taken_slots, name) / (slots - taken_slots)
-        for name in names
-    }
+    rest = {name: _rest(update.gradients[name], taken[name], slots, taken_slots, name) for name in names}
     residual = update.with_gradients(rest, batch_size=update.metadata.batch_size - len(kept_ids))
     originals = tuple(map(_original, kept_ids, kept_labels))
     return Peeled(residual, tuple(kept_ids), tuple(kept_labels), originals)
@@ -203,9 +200,17 @@ def _gradients(
     return {n: (torch.zeros_like(params[n]) if g is None else g.detach()) for n, g in zip(names, grads, strict=True)}
 
 
-def _less(total: torch.Tensor, taken: torch.Tensor, name: str) -> torch.Tensor:
-    """``total - taken``, with the embedding-table rows that only the taken sentences filled set to zero."""
-    rest = total - taken.to(total.dtype)
-    if name.endswith("embeddings.weight") and rest.dim() == 2:
-        rest[rest.norm(dim=1) <= ROW_FLOOR * total.norm(dim=1)] = 0
+def _rest(sent: torch.Tensor, taken: torch.Tensor, slots: int, taken_slots: int, name: str) -> torch.Tensor:
+    """The mean over the rest's slots, ``(sent * slots - taken * taken_slots) / (slots - taken_slots)``, with the
+    embedding-table rows that only the taken sentences filled set to zero. Of a table, only the rows the update
+    holds are computed: the batch's tokens, a few hundred of BERT-base's 30522 word rows (the whole table took
+    0.7 s of a 2.5 s peel), or every row of a noised update."""
+    if not (name.endswith("embeddings.weight") and sent.dim() == 2):
+        return (sent * slots - taken.to(sent.dtype) * taken_slots) / (slots - taken_slots)
+    rows = (sent != 0).any(dim=1)
+    total = sent[rows] * slots
+    part = total - taken[rows].to(sent.dtype) * taken_slots
+    part[part.norm(dim=1) <= ROW_FLOOR * total.norm(dim=1)] = 0
+    rest = torch.zeros_like(sent)
+    rest[rows] = part / (slots - taken_slots)
     return rest
