@@ -13,6 +13,7 @@ import torch
 from textleak.attacks.span import SpanAttack
 from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch
 from textleak.attacks.span_context import (
+    CLEAR_EXACT,
     FIRST_STEPS,
     REFINED_WORSE,
     SPARE_LENGTHS,
@@ -350,6 +351,35 @@ def test_an_exact_first_solve_is_searched_as_it_is_without_the_other_lengths(min
                                 first=tok.cls_token_id, last=tok.sep_token_id)
     assert [list(f.ids) for f in found] == [other]
     assert solved == [len(target), len(other)] and calls == []
+
+
+def test_an_earlier_rounds_record_limits_an_anchor_to_its_best_lengths_and_new_ends(mini):
+    """In a peeled rest an anchor the parent round solved is solved again only at its ``CARRIED_LENGTHS`` best
+    lengths there (lowest residual first) and at the ends the record lacks; the round's solves go into the record."""
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    solver, count = _solver(mini, update, truth)
+    tok = mini.tokenizer
+    search, options_for = _second_layer_search(mini, update), _batch_tokens(truth, tok)
+    target = list(truth.input_ids[0])
+    anchor = next((t, p) for p, t in enumerate(target) if count[t] == 1 and 0 < p < len(target) - 1)
+    n = len(target)
+    solved_at = []
+    first_solve = solver.first_solve
+    solver.first_solve = lambda a, length, *args, **kwargs: (
+        solved_at.append(length) or first_solve(a, length, *args, **kwargs)
+    )
+    record = {anchor: {n + 3: 0.9, n + 1: 0.6, n: 0.2, n + 2: 0.4}}
+    ends = [n + 3, n + 2, n + 1, n + 4]
+    found = assemble_by_context(search, solver, [anchor], ends, options_for, 1, first=tok.cls_token_id,
+                                last=tok.sep_token_id, solved=record)
+    assert [list(f.ids) for f in found] == [target]
+    assert solved_at == [n] and record[anchor][n] <= CLEAR_EXACT  # the best earlier length first, exact there
+    solved_at.clear()
+    record = {anchor: {n + 3: 0.9, n + 1: 0.6, n + 2: 0.4}}  # the true length was not among the earlier ends
+    found = assemble_by_context(search, solver, [anchor], [n + 3, n + 2, n], options_for, 1,
+                                first=tok.cls_token_id, last=tok.sep_token_id, solved=record)
+    assert [list(f.ids) for f in found] == [target]
+    assert solved_at == [n + 2, n + 1, n]  # two best earlier lengths, then the new end
 
 
 def test_a_proposal_that_mixes_sentences_is_not_searched(mini):

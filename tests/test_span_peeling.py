@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from textleak.attacks import span as span_module
 from textleak.attacks.mlm_labels import sentence_labels
 from textleak.attacks.span import SpanAttack
 from textleak.attacks.span_peeling import lowers_rank, peel, peel_refusal
@@ -121,3 +122,23 @@ def test_only_a_sentence_of_the_batch_lowers_the_first_layers_rank(mini):
     assert not lowers_rank(update, mini, first[:5] + second[5:])  # the first half of one, the second of the other
     pruned, _ = defended_client(mini, SENTENCES, task="classification", labels=LABELS, defenses=["prune:ratio=0.5"])
     assert not lowers_rank(pruned, mini, first)
+
+
+def test_a_span_under_half_the_hidden_size_is_peeled_after_every_two_context_sentences(mini, monkeypatch):
+    """Where the first layer's span leaves each anchor more equations than the batch has tokens, a first solve is
+    determined before peeling, and the context phase ends after ``ROUND_SENTENCES`` new sentences; after one
+    otherwise."""
+    asked = []
+    original = span_module.assemble_by_context
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["stop_after"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(span_module, "assemble_by_context", recording)
+    update, truth = simulate_client(mini, SENTENCES, task="classification", labels=LABELS, seed=0, reveal=())
+    result = SpanAttack(seed=0).reconstruct(update, mini)
+    assert sorted(map(tuple, result.token_ids)) == sorted(map(tuple, truth.input_ids))
+    assert asked[0] == span_module.ROUND_SENTENCES  # about 30 tokens in 256 dimensions
+    assert span_module.sentences_per_round(191, 384) == span_module.ROUND_SENTENCES  # MiniLM, under half
+    assert span_module.sentences_per_round(192, 384) == 1

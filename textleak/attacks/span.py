@@ -74,6 +74,15 @@ TOTAL = "total_s"
 #: Seconds the rest of a peeled batch needs at least. With less left of the time limit, a last sentence still gets
 #: them (it is read alone in about a second: span_peeling), while a rest of several sentences is not attacked.
 PEEL_MIN_S = 2.0
+#: New sentences after which the context phase of a peelable batch ends (and the rest is peeled) when the first
+#: layer's span fills less than half the hidden size; one otherwise. With the larger complement a first solve is
+#: well determined before peeling, and each peeled round costs set-up (random BERT-base: about 5.6 s of peel, spans,
+#: pairing and solver against 1-5 s of solving; RT B=8 batches 5, 7, 8, 13, 17: 42 of 64 sentences at the time
+#: limit when peeling after each sentence, 38 of 40 in 36.9-66.9 s after every two). On MiniLM SST-2 and RT B=8
+#: (spans of 230-300 of 384) peeling after each sentence is faster: every two took batches 1 and 15 from 56 and
+#: 46 s to 67 and 68 s.
+ROUND_SENTENCES = 2
+
 #: The loosest second-layer acceptance: beyond it a true sentence cannot be told from a near miss.
 ACCEPT_MAX = 0.1
 
@@ -132,6 +141,12 @@ class SpanConfig:
         for name in ("max_candidates", "max_sweeps", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+
+def sentences_per_round(rank: int, hidden: int) -> int:
+    """New sentences after which a peelable batch's context phase ends: ``ROUND_SENTENCES`` when the first layer's
+    span (``rank``) fills less than half of the ``hidden`` size, else one."""
+    return ROUND_SENTENCES if 2 * rank < hidden else 1
 
 
 def auto_threshold(best: torch.Tensor, noise: float = 0.0) -> float:
@@ -197,7 +212,8 @@ class SpanAttack:
         """The attack; ``deadline`` (``time.perf_counter()`` seconds): when the sentence search must end, for the rest
         of a peeled batch (by default ``time_limit`` after the search starts); ``vocabulary``: the only tokens its
         first layer scores (for the rest of a peeled batch: the candidates kept for the whole batch); ``solved``: the
-        context phase's first-solve residuals per anchor and length from the earlier rounds (``assemble_by_context``)."""
+        context phase's first-solve residuals per anchor and length from the earlier rounds
+        (``assemble_by_context``)."""
         cfg, tok, model = self.config, target.tokenizer, target.model
         meta = update.metadata
         warnings: list[str] = []
@@ -332,13 +348,14 @@ class SpanAttack:
                     for p, tokens in enumerate(passing) if p > 0
                 ]
                 solver = context_solver(model, update, parts, narrow, types[0], anywhere)
+                per_round = sentences_per_round(span1.rank, parts.word.shape[1])
                 if solver is not None:
                     budget = None if cfg.time_limit is None else cfg.time_limit * CONTEXT_SHARE
                     contextual = assemble_by_context(
                         search, solver, anchors, ends, partial(_narrowed, options_for, paired_count),
                         meta.batch_size, first=cls, last=sep, spare=lengths, budget=budget, confirm=confirm,
                         reserve_for=options_for,
-                        stop_after=1 if peelable else None,
+                        stop_after=per_round if peelable else None,
                         # an mlm pairing's first solves are 2-22 tokens off even at residuals of 0.01 (MiniLM
                         # SST-2 B=4 batches 9, 12): no ranking of anchors; each is finished in turn
                         defer=pairing.pooled is None,

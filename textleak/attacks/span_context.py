@@ -156,7 +156,8 @@ class ContextSolver:
         # queries only for the anchors solved around, when first needed (all of them: a third of the set-up)
         self._inputs, self._query, self._queries = x, query, {}
         # (heads, r, n): each occurrence's value, per head, mapped off the span (r = the complement's dimension)
-        self.off = torch.einsum("rhd,nhd->hrn", complement.view(-1, heads, size), v.view(n, heads, size)).contiguous().numpy()
+        off = torch.einsum("rhd,nhd->hrn", complement.view(-1, heads, size), v.view(n, heads, size))
+        self.off = off.contiguous().numpy()
 
     def propose(
         self, anchor: tuple[int, int], length: int, first: int, last: int
