@@ -382,6 +382,45 @@ def test_an_earlier_rounds_record_limits_an_anchor_to_its_best_lengths_and_new_e
     assert solved_at == [n + 2, n + 1, n]  # two best earlier lengths, then the new end
 
 
+def test_a_phase_that_may_find_two_sentences_ends_when_it_lingers_past_the_first(mini):
+    """With ``linger`` the phase ends that many seconds after its first new sentence, even short of ``stop_after``;
+    without it, it goes on to the second."""
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    solver, count = _solver(mini, update, truth)
+    tok = mini.tokenizer
+    options_for = _batch_tokens(truth, tok)
+    anchors = [next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1)
+               for ids in truth.input_ids]
+    ends = sorted({len(ids) for ids in truth.input_ids})
+    kwargs = {"first": tok.cls_token_id, "last": tok.sep_token_id, "stop_after": 2}
+    both = assemble_by_context(_second_layer_search(mini, update), solver, anchors, ends, options_for, 2, **kwargs)
+    assert sorted(f.ids for f in both) == sorted(map(tuple, truth.input_ids))
+    search = _second_layer_search(mini, update)
+    one = assemble_by_context(search, solver, anchors, ends, options_for, 2, linger=0.0, **kwargs)
+    assert len(one) == 1 and one[0].ids in set(map(tuple, truth.input_ids))
+
+
+def test_a_fall_in_the_float_floors_tail_is_not_taken_for_the_spans_edge(mini):
+    """A peeled rest's output-projection gradient can end with a fall wider than the span's edge, far below the
+    float32 floor (1.3e-11 to 3.8e-14 of the largest value on random BERT-base); the solver reads the edge, not the
+    tail, and still finds the sentence."""
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    name = next(n for n in update.gradients if n.endswith("layer.0.attention.output.dense.weight"))
+    u, sigma, vh = torch.linalg.svd(update.gradients[name].double())
+    logs = torch.log10(sigma)
+    rank = int((logs[:-1] - logs[1:]).argmax()) + 1  # the edge, as read on the clean gradient
+    top, bottom = math.log10(sigma[rank - 1] / 300), math.log10(sigma[0] * 1e-11)
+    floor = torch.logspace(top, bottom, len(sigma) - rank - 1, dtype=torch.float64)  # 2.5 decades below the edge
+    bent = torch.cat([sigma[:rank], floor, sigma[:1] * 1e-14])  # then the tail falls 3 decades
+    tailed = update.with_gradients({name: (u * bent) @ vh})
+    solver, _ = _solver(mini, tailed, truth)
+    assert solver is not None and solver.off.shape[1] == len(sigma) - rank
+    ids = list(truth.input_ids[0])
+    anchor = next((t, p) for p, t in enumerate(ids) if Counter(ids)[t] == 1 and 0 < p < len(ids) - 1)
+    residual, sentence = solver.propose(anchor, len(ids), mini.tokenizer.cls_token_id, mini.tokenizer.sep_token_id)
+    assert sentence == ids
+
+
 def test_a_proposal_that_mixes_sentences_is_not_searched(mini):
     """A refined proposal far from every sentence (half of one long sentence, half of another) is dropped before the
     second layer's search, which would spend seconds descending from it; one wrong token still gets searched."""

@@ -75,13 +75,19 @@ TOTAL = "total_s"
 #: them (it is read alone in about a second: span_peeling), while a rest of several sentences is not attacked.
 PEEL_MIN_S = 2.0
 #: New sentences after which the context phase of a peelable batch ends (and the rest is peeled) when the first
-#: layer's span fills less than half the hidden size; one otherwise. With the larger complement a first solve is
+#: layer's span fills less than half the hidden size; one otherwise, and always for an mlm pairing, whose first
+#: solves are loose. With the larger complement a first solve is
 #: well determined before peeling, and each peeled round costs set-up (random BERT-base: about 5.6 s of peel, spans,
 #: pairing and solver against 1-5 s of solving; RT B=8 batches 5, 7, 8, 13, 17: 42 of 64 sentences at the time
 #: limit when peeling after each sentence, 38 of 40 in 36.9-66.9 s after every two). On MiniLM SST-2 and RT B=8
 #: (spans of 230-300 of 384) peeling after each sentence is faster: every two took batches 1 and 15 from 56 and
 #: 46 s to 67 and 68 s.
 ROUND_SENTENCES = 2
+#: With more than one sentence a round, the context phase ends this many seconds after its first new sentence
+#: (about a peeled round's set-up on random BERT-base): a second sentence that takes longer is found faster after
+#: the peel. MiniLM SST-2 B=8 batch 1, whose later rounds' spans fill under half of 384: 8 of 8 in 67.5 s without
+#: it, 54.1 s with it.
+ROUND_LINGER = 5.0
 
 #: The loosest second-layer acceptance: beyond it a true sentence cannot be told from a near miss.
 ACCEPT_MAX = 0.1
@@ -348,8 +354,10 @@ class SpanAttack:
                     for p, tokens in enumerate(passing) if p > 0
                 ]
                 solver = context_solver(model, update, parts, narrow, types[0], anywhere)
-                per_round = sentences_per_round(span1.rank, parts.word.shape[1])
                 if solver is not None:
+                    # an mlm pairing's first solves are loose (``defer`` below): peeled after each sentence
+                    hidden = parts.word.shape[1]
+                    per_round = 1 if pairing.pooled is not None else sentences_per_round(span1.rank, hidden)
                     budget = None if cfg.time_limit is None else cfg.time_limit * CONTEXT_SHARE
                     contextual = assemble_by_context(
                         search, solver, anchors, ends, partial(_narrowed, options_for, paired_count),
@@ -360,6 +368,7 @@ class SpanAttack:
                         # SST-2 B=4 batches 9, 12): no ranking of anchors; each is finished in turn
                         defer=pairing.pooled is None,
                         solved=solved,
+                        linger=ROUND_LINGER if per_round > 1 else None,
                     )
                 timings["context"] = time.perf_counter() - clock_phase
                 if (rest := peeled(contextual)) is not None:
