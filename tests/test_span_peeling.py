@@ -124,10 +124,10 @@ def test_only_a_sentence_of_the_batch_lowers_the_first_layers_rank(mini):
     assert not lowers_rank(pruned, mini, first)
 
 
-def test_a_span_under_half_the_hidden_size_is_peeled_after_every_two_context_sentences(mini, monkeypatch):
-    """Where the first layer's span leaves each anchor more equations than the batch has tokens, a first solve is
-    determined before peeling, and the context phase ends after ``ROUND_SENTENCES`` new sentences; after one
-    otherwise."""
+def test_a_span_under_half_a_wide_hidden_size_is_peeled_after_every_two_context_sentences(mini, monkeypatch):
+    """Where the first layer's span leaves each anchor more equations than the batch has tokens, and at least
+    ``ROUND_EQUATIONS``, a first solve is determined before peeling, and the context phase ends after
+    ``ROUND_SENTENCES`` new sentences; after one otherwise."""
     asked = []
     original = span_module.assemble_by_context
 
@@ -136,9 +136,11 @@ def test_a_span_under_half_the_hidden_size_is_peeled_after_every_two_context_sen
         return original(*args, **kwargs)
 
     monkeypatch.setattr(span_module, "assemble_by_context", recording)
+    assert span_module.sentences_per_round(383, 768) == span_module.ROUND_SENTENCES  # BERT-base, under half
+    assert span_module.sentences_per_round(384, 768) == 1
+    assert span_module.sentences_per_round(100, 384) == 1  # MiniLM: too few equations left for each anchor
+    monkeypatch.setattr(span_module, "ROUND_EQUATIONS", 128)  # bert-mini's 256 dimensions
     update, truth = simulate_client(mini, SENTENCES, task="classification", labels=LABELS, seed=0, reveal=())
     result = SpanAttack(seed=0).reconstruct(update, mini)
     assert sorted(map(tuple, result.token_ids)) == sorted(map(tuple, truth.input_ids))
     assert asked[0] == span_module.ROUND_SENTENCES  # about 30 tokens in 256 dimensions
-    assert span_module.sentences_per_round(191, 384) == span_module.ROUND_SENTENCES  # MiniLM, under half
-    assert span_module.sentences_per_round(192, 384) == 1

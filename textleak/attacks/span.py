@@ -83,6 +83,10 @@ PEEL_MIN_S = 2.0
 #: (spans of 230-300 of 384) peeling after each sentence is faster: every two took batches 1 and 15 from 56 and
 #: 46 s to 67 and 68 s.
 ROUND_SENTENCES = 2
+#: ... and only where the span's complement gives each anchor at least this many equations. MiniLM (384) never has
+#: them: its first solves at 150-200 equations need the peel (RT B=8 batch 15, first span 188 of 384: exact in 50 s
+#: at 9836e82 peeling after each sentence, 0.5 in 63 s at 10a8ef4 taking two a round).
+ROUND_EQUATIONS = 384
 #: With more than one sentence a round, the context phase ends this many seconds after its first new sentence
 #: (about a peeled round's set-up on random BERT-base): a second sentence that takes longer is found faster after
 #: the peel. MiniLM SST-2 B=8 batch 1, whose later rounds' spans fill under half of 384: 8 of 8 in 67.5 s without
@@ -151,8 +155,8 @@ class SpanConfig:
 
 def sentences_per_round(rank: int, hidden: int) -> int:
     """New sentences after which a peelable batch's context phase ends: ``ROUND_SENTENCES`` when the first layer's
-    span (``rank``) fills less than half of the ``hidden`` size, else one."""
-    return ROUND_SENTENCES if 2 * rank < hidden else 1
+    span (``rank``) fills less than half of the ``hidden`` size and leaves at least ``ROUND_EQUATIONS``, else one."""
+    return ROUND_SENTENCES if 2 * rank < hidden and hidden - rank >= ROUND_EQUATIONS else 1
 
 
 def auto_threshold(best: torch.Tensor, noise: float = 0.0) -> float:
