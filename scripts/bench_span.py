@@ -62,11 +62,12 @@ def run_setting(target, data, *, task: str, batch_size: int, batches: int, seed:
                 # mlm: sentences with nothing masked carry no loss, hence no gradient: no attack can see them
                 "unlabelled_sentences": _unlabelled(truth.labels) if task == "mlm" else 0,
                 "exact_match_live": _exact_live(result.token_ids, truth, task),
+                "rouge1_live": _rouge1_live(result.token_ids, truth, task, target.tokenizer, scores),
                 "warnings": result.warnings,
             }
         )
     keys = ("rouge1", "rouge2", "exact_match", "token_accuracy", "rouge1_with_special", "seconds", "tokens",
-            "unlabelled_sentences", "exact_match_live")
+            "unlabelled_sentences", "exact_match_live", "rouge1_live")
     summary = {k: statistics.fmean(r[k] for r in rows) for k in keys} if rows else {}
     summary["max_seconds"] = max((r["seconds"] for r in rows), default=0.0)
     summary["batches"] = len(rows)
@@ -77,6 +78,16 @@ def run_setting(target, data, *, task: str, batch_size: int, batches: int, seed:
 
 def _unlabelled(labels: tuple) -> int:
     return sum(all(label == -100 for label in row) for row in labels)
+
+
+def _rouge1_live(answer: list[list[int]], truth, task: str, tokenizer, scores) -> float:
+    """ROUGE-1 (without special tokens) over the sentences that reached the gradient, each matched to its best
+    answer sentence; for tasks other than mlm, the batch's."""
+    live = [ids for ids, labels in zip(truth.original_ids, truth.labels, strict=True)
+            if task != "mlm" or not all(label == -100 for label in labels)]
+    if task != "mlm" or len(live) == len(truth.original_ids):
+        return scores.without_special["rouge1"]
+    return score_batch(answer, live, tokenizer).without_special["rouge1"] if live else 1.0
 
 
 def _exact_live(answer: list[list[int]], truth, task: str) -> float:

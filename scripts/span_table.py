@@ -2,9 +2,10 @@
 
 Each (model, task, data set, batch size) cell takes its figures from the last file given that holds it, so a rerun
 listed later replaces an earlier one. The targets are the span issue's: ROUGE-1 >= 99 and exact match >= 95% at every
-B <= 8, B=1 under 5 s and B=8 under 60 s a batch (mean). For `mlm` the exact match is judged over the sentences that
-reached the gradient (a sentence with nothing masked carries no loss, so no attack can see it); the plain exact match
-is in the table beside it. Writes ``OUT.md`` (a readable table) and ``OUT.csv``.
+B <= 8, B=1 under 5 s and B=8 under 60 s a batch (mean). For `mlm` ROUGE-1 and exact match are judged over the
+sentences that reached the gradient (a sentence with nothing masked carries no loss, so no attack can see it); the
+figures over every sentence are in the table beside them (files written before ``rouge1_live`` was recorded cannot
+be judged on ROUGE-1 for mlm, and say so). Writes ``OUT.md`` (a readable table) and ``OUT.csv``.
 
     python scripts/span_table.py results/span_b8/*_3e28135.json results/span_matrix/*.json --out results/span_matrix
 """
@@ -29,8 +30,8 @@ MATRIX = {
     "dataset": ("cola", "sst2", "rt"),
     "batch_size": (1, 2, 4, 8, 16),
 }
-COLUMNS = ("model", "task", "dataset", "batch_size", "batches", "rouge1", "rouge2", "exact_match", "exact_match_live",
-           "token_accuracy", "seconds", "max_seconds", "verdict", "file")
+COLUMNS = ("model", "task", "dataset", "batch_size", "batches", "rouge1", "rouge1_live", "rouge2", "exact_match",
+           "exact_match_live", "token_accuracy", "seconds", "max_seconds", "verdict", "file")
 
 
 class Cell(NamedTuple):
@@ -59,9 +60,13 @@ def verdict(row: dict) -> str:
     batch_size = row["batch_size"]
     if batch_size > MAX_B:
         return "no target"
-    exact = row["exact_match_live"] if row["task"] == "mlm" else row["exact_match"]
+    mlm = row["task"] == "mlm"
+    exact = row["exact_match_live"] if mlm else row["exact_match"]
+    rouge1 = row.get("rouge1_live") if mlm else row["rouge1"]
     missed = []
-    if row["rouge1"] < MIN_ROUGE1:
+    if rouge1 is None:
+        missed.append("R1 over the live sentences not recorded")
+    elif rouge1 < MIN_ROUGE1:
         missed.append(f"R1 < {100 * MIN_ROUGE1:.0f}")
     if exact < MIN_EXACT:
         missed.append(f"exact < {100 * MIN_EXACT:.0f}%")
@@ -89,6 +94,7 @@ def table_rows(cells: dict[tuple[str, str, str, int], Cell], matrix: bool = Fals
             "batches": row["batches"],
             **{k: round(100 * row[k], 1) for k in ("rouge1", "rouge2", "exact_match", "exact_match_live",
                                                    "token_accuracy")},
+            "rouge1_live": "" if row.get("rouge1_live") is None else round(100 * row["rouge1_live"], 1),
             "seconds": round(row["seconds"], 1), "max_seconds": round(row["max_seconds"], 1),
             "verdict": verdict(row), "file": source,
         })
@@ -97,8 +103,8 @@ def table_rows(cells: dict[tuple[str, str, str, int], Cell], matrix: bool = Fals
 
 def markdown(rows: list[dict]) -> str:
     """A markdown table of ``rows``."""
-    header = ("model", "task", "data", "B", "batches", "R-1", "R-2", "exact %", "exact % (live)", "token acc",
-              "s / batch", "max s", "targets", "file")
+    header = ("model", "task", "data", "B", "batches", "R-1", "R-1 (live)", "R-2", "exact %", "exact % (live)",
+              "token acc", "s / batch", "max s", "targets", "file")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
     return "\n".join(lines) + "\n"

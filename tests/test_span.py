@@ -118,6 +118,31 @@ def test_vectorised_scorer_matches_slow_loop(models):
         assert part[p, 0].tolist() == pytest.approx([expected[i] for i in part_ids[p, 0].tolist()], rel=1e-6, abs=1e-9)
 
 
+def test_a_second_layer_without_a_rank_edge_is_flagged_as_too_many_tokens(models):
+    """A clean update's second-layer rank is its token count; rows that fill the hidden size leave a spectrum without
+    the float32 floor's edge (here: that layer's gradients replaced by full-rank matrices whose singular values fall
+    smoothly from 1 to 1e-2, as 390 tokens' rows do in MiniLM's 384 dimensions), so nothing can be confirmed, and the
+    attack says so at once with a partial answer instead of searching."""
+    target = models[("random:bert-mini", "classification")]
+    update, truth = simulate_client(target, SENTENCES, task="classification", labels=[0, 1], seed=0, reveal=())
+    assert _sorted(SpanAttack().reconstruct(update, target).token_ids) == _sorted(truth.original_ids)
+    generator = torch.Generator().manual_seed(0)
+
+    def smooth(shape: torch.Size) -> torch.Tensor:
+        left, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=generator))
+        right, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=generator))
+        values = torch.logspace(0, -2, min(shape))
+        return left[:, : len(values)] @ torch.diag(values) @ right[:, : len(values)].T
+
+    full = {
+        name: smooth(grad.shape) if name in qkv_gradient_names(target.model, 1) else grad
+        for name, grad in update.gradients.items()
+    }
+    result = SpanAttack().reconstruct(update.with_gradients(full), target)
+    assert any("no rank edge" in w and "hidden size (256)" in w for w in result.warnings)
+    assert result.details["partial"] is True
+
+
 def test_duplicate_sentences_are_flagged_and_returned(models):
     target = models[("random:bert-tiny", "mlm")]
     update, truth = simulate_client(target, [SENTENCES[0]] * 2, task="all-tokens", seed=0, reveal=())

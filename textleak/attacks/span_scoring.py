@@ -43,6 +43,7 @@ class SpanBasis:
     rank: int
     gap: float  # sigma[rank-1] / sigma[rank]; inf when the span is the whole space
     noise: float = 0.0  # a true input row's typical relative residual under the update's additive noise (0: none seen)
+    edge: bool = False  # the rank was read at the float32 floor's edge (a clean update whose span leaves room)
 
     @property
     def full(self) -> bool:
@@ -122,6 +123,7 @@ def span_basis(stacked: torch.Tensor, rank_tol: float | None = None) -> SpanBasi
         rank=min(rank, d),
         gap=gap,
         noise=noise,
+        edge=rank_tol is None and _largest_drop(spectrum) > 0,
     )
 
 
