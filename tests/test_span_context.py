@@ -322,15 +322,22 @@ def test_two_exchanged_tokens_are_swapped_back(mini):
 
 
 
+def _two_sentences(mini):
+    """Two test sentences' classification update: its truth, context solver and token counts, a second-layer search,
+    the batch's tokens as options, the first sentence and a token seen once in it, as (token, position)."""
+    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
+    solver, count = _solver(mini, update, truth)
+    search, options_for = _second_layer_search(mini, update), _batch_tokens(truth, mini.tokenizer)
+    target = list(truth.input_ids[0])
+    anchor = next((t, p) for p, t in enumerate(target) if count[t] == 1 and 0 < p < len(target) - 1)
+    return truth, solver, count, search, options_for, target, anchor
+
+
 def test_an_exact_first_solve_is_searched_as_it_is_without_the_other_lengths(mini):
     """A first solve within ``CLEAR_EXACT`` at the first end is the sentence: the anchor's other lengths are not
     solved, nothing is priced or refined, and the search returns the accepted proposal without a descent."""
-    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
-    solver, count = _solver(mini, update, truth)
+    truth, solver, count, search, options_for, target, anchor = _two_sentences(mini)
     tok = mini.tokenizer
-    search, options_for = _second_layer_search(mini, update), _batch_tokens(truth, tok)
-    target = list(truth.input_ids[0])
-    anchor = next((t, p) for p, t in enumerate(target) if count[t] == 1 and 0 < p < len(target) - 1)
     ends = [len(target), len(truth.input_ids[1]), len(target) + 2]
     solved, calls = [], []
     first_solve = solver.first_solve
@@ -356,12 +363,8 @@ def test_an_exact_first_solve_is_searched_as_it_is_without_the_other_lengths(min
 def test_an_earlier_rounds_record_limits_an_anchor_to_its_best_lengths_and_new_ends(mini):
     """In a peeled rest an anchor the parent round solved is solved again only at its ``CARRIED_LENGTHS`` best
     lengths there (lowest residual first) and at the ends the record lacks; the round's solves go into the record."""
-    update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
-    solver, count = _solver(mini, update, truth)
+    truth, solver, count, search, options_for, target, anchor = _two_sentences(mini)
     tok = mini.tokenizer
-    search, options_for = _second_layer_search(mini, update), _batch_tokens(truth, tok)
-    target = list(truth.input_ids[0])
-    anchor = next((t, p) for p, t in enumerate(target) if count[t] == 1 and 0 < p < len(target) - 1)
     n = len(target)
     solved_at = []
     first_solve = solver.first_solve
