@@ -76,8 +76,8 @@ TOTAL = "total_s"
 PEEL_MIN_S = 2.0
 #: New sentences after which the context phase of a peelable batch ends (and the rest is peeled) when the first
 #: layer's span fills less than half the hidden size; one otherwise, and always for an mlm pairing, whose first
-#: solves are loose. With the larger complement a first solve is
-#: well determined before peeling, and each peeled round costs set-up (random BERT-base: about 5.6 s of peel, spans,
+#: solves are loose. With the larger complement a first solve is well determined before peeling, and each peeled
+#: round costs set-up (random BERT-base: about 5.6 s of peel, spans,
 #: pairing and solver against 1-5 s of solving; RT B=8 batches 5, 7, 8, 13, 17: 42 of 64 sentences at the time
 #: limit when peeling after each sentence, 38 of 40 in 36.9-66.9 s after every two). On MiniLM SST-2 and RT B=8
 #: (spans of 230-300 of 384) peeling after each sentence is faster: every two took batches 1 and 15 from 56 and
@@ -287,7 +287,7 @@ class SpanAttack:
         span2 = span_basis(stacked_gradient(update, qkv_gradient_names(model, 1)), cfg.rank_tol)
         if span1.edge and not span2.edge and not span2.noise and vocabulary is None:
             # a clean update's second-layer rank is its number of tokens (one contextual row each): without an edge
-            # there, the rows fill the hidden size (MiniLM SST-2 B=16: 390-409 tokens of 384, a 120 s search for
+            # there, the rows fill the hidden size (MiniLM SST-2 B=16: 386-409 tokens of 384, a 120 s search for
             # nothing), and no sentence can be confirmed. Not where that layer shows additive noise's bulk (a noised
             # update's edge may drown there), and on the whole batch only: a peeled rest holds fewer tokens.
             warnings.append(
