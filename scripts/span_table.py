@@ -5,7 +5,8 @@ listed later replaces an earlier one. The targets are the span issue's: ROUGE-1 
 B <= 8, B=1 under 5 s and B=8 under 60 s a batch (mean). For `mlm` ROUGE-1 and exact match are judged over the
 sentences that reached the gradient (a sentence with nothing masked carries no loss, so no attack can see it); the
 figures over every sentence are in the table beside them (files written before ``rouge1_live`` was recorded cannot
-be judged on ROUGE-1 for mlm, and say so). Writes ``OUT.md`` (a readable table) and ``OUT.csv``.
+be judged on ROUGE-1 for mlm, and say so, unless every live sentence was exact). Writes ``OUT.md`` (a readable
+table) and ``OUT.csv``.
 
     python scripts/span_table.py results/span_b8/*_3e28135.json results/span_matrix/*.json --out results/span_matrix
 """
@@ -63,6 +64,8 @@ def verdict(row: dict) -> str:
     mlm = row["task"] == "mlm"
     exact = row["exact_match_live"] if mlm else row["exact_match"]
     rouge1 = row.get("rouge1_live") if mlm else row["rouge1"]
+    if rouge1 is None and row["exact_match_live"] == 1.0:  # every live sentence exact: ROUGE-1 100 over them
+        rouge1 = 1.0
     missed = []
     if rouge1 is None:
         missed.append("R1 over the live sentences not recorded")

@@ -31,7 +31,8 @@ def test_a_later_file_replaces_a_cell_and_each_verdict_names_the_target_missed(t
         _row(batch_size=1, seconds=6.0),
         _row(task="mlm", rouge1=0.85, rouge1_live=1.0, exact_match=0.8, exact_match_live=0.96),
         _row(task="mlm", dataset="sst2", rouge1_live=0.995, exact_match=0.9, exact_match_live=0.9),
-        _row(task="mlm", dataset="rt"),  # written before rouge1_live was recorded
+        _row(task="mlm", dataset="rt", exact_match_live=0.9),  # written before rouge1_live was recorded
+        _row(task="mlm", dataset="rt", batch_size=2),  # the same, but every live sentence exact
         _row(batch_size=16, rouge1=0.5, exact_match=0.4),
     )
     rows = {(r["task"], r["dataset"], r["batch_size"]): r for r in table.table_rows(table.read_cells([old, new]))}
@@ -41,7 +42,8 @@ def test_a_later_file_replaces_a_cell_and_each_verdict_names_the_target_missed(t
     assert rows["classification", "cola", 1]["verdict"] == "misses: 6 s >= 5 s"
     assert rows["mlm", "cola", 8]["verdict"] == "meets"  # judged over the sentences that reached the gradient
     assert rows["mlm", "sst2", 8]["verdict"] == "misses: exact < 95%"
-    assert rows["mlm", "rt", 8]["verdict"] == "misses: R1 over the live sentences not recorded"
+    assert rows["mlm", "rt", 8]["verdict"] == "misses: R1 over the live sentences not recorded, exact < 95%"
+    assert rows["mlm", "rt", 2]["verdict"] == "meets"
     assert rows["classification", "cola", 16]["verdict"] == "no target"
 
 
