@@ -34,6 +34,7 @@ def test_a_later_file_replaces_a_cell_and_each_verdict_names_the_target_missed(t
         _row(task="mlm", dataset="rt", exact_match_live=0.9),  # written before rouge1_live was recorded
         _row(task="mlm", dataset="rt", batch_size=2),  # the same, but every live sentence exact
         _row(batch_size=16, rouge1=0.5, exact_match=0.4),
+        _row(batch_size=4, batches=5),
     )
     rows = {(r["task"], r["dataset"], r["batch_size"]): r for r in table.table_rows(table.read_cells([old, new]))}
     assert rows["classification", "cola", 8]["verdict"] == "meets"
@@ -45,6 +46,7 @@ def test_a_later_file_replaces_a_cell_and_each_verdict_names_the_target_missed(t
     assert rows["mlm", "rt", 8]["verdict"] == "misses: R1 over the live sentences not recorded, exact < 95%"
     assert rows["mlm", "rt", 2]["verdict"] == "meets"
     assert rows["classification", "cola", 16]["verdict"] == "no target"
+    assert rows["classification", "cola", 4]["verdict"] == "meets (5 of 20 batches)"
 
 
 def test_the_matrix_lists_every_setting_of_the_issue_and_main_writes_both_tables(table, tmp_path):
