@@ -80,12 +80,17 @@ def _unlabelled(labels: tuple) -> int:
     return sum(all(label == -100 for label in row) for row in labels)
 
 
+def _live(truth, task: str) -> list:
+    """The private sentences that reached the gradient: for mlm those with a masked token, for other tasks all."""
+    return [ids for ids, labels in zip(truth.original_ids, truth.labels, strict=True)
+            if task != "mlm" or not all(label == -100 for label in labels)]
+
+
 def _rouge1_live(answer: list[list[int]], truth, task: str, tokenizer, scores) -> float:
     """ROUGE-1 (without special tokens) over the sentences that reached the gradient, each matched to its best
-    answer sentence; for tasks other than mlm, the batch's."""
-    live = [ids for ids, labels in zip(truth.original_ids, truth.labels, strict=True)
-            if task != "mlm" or not all(label == -100 for label in labels)]
-    if task != "mlm" or len(live) == len(truth.original_ids):
+    answer sentence; the batch's ``scores`` when every sentence did."""
+    live = _live(truth, task)
+    if len(live) == len(truth.original_ids):
         return scores.without_special["rouge1"]
     return score_batch(answer, live, tokenizer).without_special["rouge1"] if live else 1.0
 
@@ -93,8 +98,7 @@ def _rouge1_live(answer: list[list[int]], truth, task: str, tokenizer, scores) -
 def _exact_live(answer: list[list[int]], truth, task: str) -> float:
     """Exact matches among the sentences that reached the gradient (for mlm those with a masked token; for the
     other tasks all of them), each answer sentence matching at most one private sentence."""
-    live = [ids for ids, labels in zip(truth.original_ids, truth.labels, strict=True)
-            if task != "mlm" or not all(label == -100 for label in labels)]
+    live = _live(truth, task)
     pool = Counter(tuple(ids) for ids in answer)
     hits = 0
     for ids in live:

@@ -77,11 +77,10 @@ PEEL_MIN_S = 2.0
 #: New sentences after which the context phase of a peelable batch ends (and the rest is peeled) when the first
 #: layer's span fills less than half the hidden size; one otherwise, and always for an mlm pairing, whose first
 #: solves are loose. With the larger complement a first solve is well determined before peeling, and each peeled
-#: round costs set-up (random BERT-base: about 5.6 s of peel, spans,
-#: pairing and solver against 1-5 s of solving; RT B=8 batches 5, 7, 8, 13, 17: 42 of 64 sentences at the time
-#: limit when peeling after each sentence, 38 of 40 in 36.9-66.9 s after every two). On MiniLM SST-2 and RT B=8
-#: (spans of 230-300 of 384) peeling after each sentence is faster: every two took batches 1 and 15 from 56 and
-#: 46 s to 67 and 68 s.
+#: round costs set-up (random BERT-base: about 5.6 s of peel, spans, pairing and solver against 1-5 s of solving;
+#: RT B=8 batches 5, 7, 8, 13, 17: 42 of 64 sentences at the time limit when peeling after each sentence, 38 of 40
+#: in 36.9-66.9 s after every two). On MiniLM SST-2 and RT B=8 (spans of 230-300 of 384) peeling after each
+#: sentence is faster: every two took batches 1 and 15 from 56 and 46 s to 67 and 68 s.
 ROUND_SENTENCES = 2
 #: ... and only where the span's complement gives each anchor at least this many equations. MiniLM (384) never has
 #: them: its first solves at 150-200 equations need the peel (RT B=8 batch 15, first span 188 of 384: exact in 50 s

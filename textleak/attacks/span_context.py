@@ -502,13 +502,14 @@ def assemble_by_context(
     wanted = batch_size if stop_after is None else min(batch_size, len(accepted) + stop_after)
     deadline = math.inf if budget is None else time.perf_counter() + budget
 
-    given, first_new = len(accepted), []
+    given, first_new = len(accepted), math.inf  # when the first new sentence was accepted (to within an attempt)
 
     def over() -> bool:
+        nonlocal first_new
         now = time.perf_counter()
-        if linger is not None and len(accepted) > given and not first_new:
-            first_new.append(now)  # when the first new sentence was accepted (to within an anchor's attempt)
-        return search.expired or now > deadline or bool(first_new) and now >= first_new[0] + linger
+        if linger is not None and len(accepted) > given and math.isinf(first_new):
+            first_new = now
+        return search.expired or now > deadline or linger is not None and now >= first_new + linger
 
     def finish(starts: list[FirstSolve]) -> Found | None:
         """Refine the best first solves and search from each refined proposal (lowest residual first; one within

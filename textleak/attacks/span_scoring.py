@@ -115,7 +115,7 @@ def span_basis(stacked: torch.Tensor, rank_tol: float | None = None) -> SpanBasi
     _, sigma, vh = torch.linalg.svd(stacked, full_matrices=False)
     spectrum = sigma / sigma[0].clamp_min(1e-300)
     d = vh.shape[1]
-    rank, noise = _cut(spectrum, tuple(stacked.shape), rank_tol)
+    rank, noise, edge = _cut(spectrum, tuple(stacked.shape), rank_tol)
     gap = math.inf if rank >= len(spectrum) else float(spectrum[rank - 1] / spectrum[rank].clamp_min(1e-300))
     return SpanBasis(
         basis=vh[:rank].T.contiguous(),
@@ -123,7 +123,7 @@ def span_basis(stacked: torch.Tensor, rank_tol: float | None = None) -> SpanBasi
         rank=min(rank, d),
         gap=gap,
         noise=noise,
-        edge=rank_tol is None and _largest_drop(spectrum) > 0,
+        edge=edge,
     )
 
 
@@ -132,17 +132,17 @@ def span_score(stacked: torch.Tensor) -> tuple[int, float]:
     alone: about 3x faster than the basis (BERT-base's first layer: 0.3 s against 0.9 s), for peeling's label and
     rank tests, which need no basis."""
     sigma = torch.linalg.svdvals(stacked)
-    rank, _ = _cut(sigma / sigma[0].clamp_min(1e-300), tuple(stacked.shape), None)
+    rank, _, _ = _cut(sigma / sigma[0].clamp_min(1e-300), tuple(stacked.shape), None)
     return min(rank, stacked.shape[1]), float(sigma.sum())
 
 
-def _cut(spectrum: torch.Tensor, shape: tuple[int, int], rank_tol: float | None) -> tuple[int, float]:
-    """(rank, noise) of a normalised spectrum: above ``rank_tol``, or at its largest drop, or at the edge of its
-    noise bulk (see ``span_basis``)."""
+def _cut(spectrum: torch.Tensor, shape: tuple[int, int], rank_tol: float | None) -> tuple[int, float, bool]:
+    """(rank, noise, whether the rank was read at the float32 floor's edge) of a normalised spectrum: above
+    ``rank_tol``, or at its largest drop (the edge), or at the edge of its noise bulk (see ``span_basis``)."""
     if rank_tol is not None:
-        return max(1, int((spectrum > rank_tol).sum())), 0.0
+        return max(1, int((spectrum > rank_tol).sum())), 0.0, False
     rank = _largest_drop(spectrum)
-    return (rank, 0.0) if rank else _noise_bulk(spectrum, shape)
+    return (rank, 0.0, True) if rank else (*_noise_bulk(spectrum, shape), False)
 
 
 def _largest_drop(spectrum: torch.Tensor) -> int:
