@@ -257,7 +257,8 @@ class SpanAttack:
             test = attention_test(model, update, parts, bag, meta.seq_len, types)
             if cfg.pairing:
                 pairing = pair_tokens(
-                    update, bag, meta.seq_len, offset=parts.position_offset, mask=tok.mask_token_id
+                    update, bag, meta.seq_len, offset=parts.position_offset, mask=tok.mask_token_id, parts=parts,
+                    token_type=types[0],
                 )
             timings["pairing"] = time.perf_counter() - clock
             if pairing is not None:
