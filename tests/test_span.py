@@ -9,10 +9,11 @@ from functools import partial
 import pytest
 import torch
 
+from textleak.attacks import span_pairing
 from textleak.attacks.span import UNIQUE_SHARE, SpanAttack, _agrees, auto_threshold
 from textleak.attacks.span_assembly import Found, attention_accept
 from textleak.attacks.span_attention import attention_test
-from textleak.attacks.span_pairing import pair_tokens
+from textleak.attacks.span_pairing import _orthogonal_places, pair_tokens
 from textleak.attacks.span_peeling import lowers_rank
 from textleak.attacks.span_scoring import (
     EmbeddingParts,
@@ -30,6 +31,7 @@ from textleak.errors import CapabilityError
 from textleak.models import load_model
 
 SENTENCES = ["the cat sat on the mat.", "a very good movie indeed, i liked it"]
+MORE = ["dogs bark at night", "my old friend came home late"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -233,6 +235,44 @@ def test_masked_lm_pairing_projects_the_decoder_out_and_leaves_the_mask_position
     labelled = {p for row in truth.labels for p, label in enumerate(row) if label != -100}
     loud = {p for p, share in enumerate(pairing.weights[bag.index(mask)].tolist()) if share > 0}
     assert masked <= loud <= labelled
+
+
+def test_a_once_seen_tokens_word_gradient_is_orthogonal_to_its_centred_input_only_at_its_own_position(models):
+    """LayerNorm's Jacobian projects its centred input out of the gradient at an embedding sum: a classifier's word
+    row of a token seen once (its one occurrence's gradient) is most nearly orthogonal at its true position."""
+    target = models[("random:bert-mini", "classification")]
+    update, truth = simulate_client(target, [*SENTENCES, *MORE], task="classification", seed=0, reveal=())
+    word = update.gradients["bert.embeddings.word_embeddings.weight"]
+    parts = embedding_parts(target.model)
+    positions = torch.arange(update.metadata.seq_len)
+    occurrences = Counter(t for ids in truth.input_ids for t in ids)
+    once = [(t, p) for ids in truth.input_ids for p, t in enumerate(ids) if occurrences[t] == 1]
+    assert len(once) >= 20
+    for t, p in once:
+        assert int(_orthogonal_places(word, t, positions, parts, 0)[0]) == p
+
+
+def test_masked_lm_pairing_keeps_a_pooled_token_at_its_nearly_orthogonal_loud_positions(models, monkeypatch):
+    """Given the embedding tables, a pooled token keeps its weight only at the loud positions where its word row is
+    nearly as orthogonal to the centred input as at its best (here: no other), which hold it; without the tables,
+    at every loud one."""
+    target = models[("random:bert-mini", "mlm")]
+    mask = target.tokenizer.mask_token_id
+    update, truth = simulate_client(target, [*SENTENCES, *MORE], task="mlm", seed=5, reveal=())
+    bag = sorted({t for ids in truth.input_ids for t in ids})
+    wide = pair_tokens(update, bag, update.metadata.seq_len, mask=mask)
+    monkeypatch.setattr(span_pairing, "ORTHOGONAL_RATIO", 1.0)
+    narrow = pair_tokens(update, bag, update.metadata.seq_len, mask=mask, parts=embedding_parts(target.model))
+    assert wide is not None and narrow is not None
+    loud = wide.pooled.nonzero().flatten()
+    assert len(loud) >= 4
+    where = {t: p for ids in truth.input_ids for p, t in enumerate(ids)}
+    narrowed = [t for i, t in enumerate(bag) if int((narrow.weights[i, loud] > 0).sum()) == 1]
+    assert len(narrowed) >= 5
+    for t in narrowed:
+        i = bag.index(t)
+        assert int((wide.weights[i, loud] > 0).sum()) == len(loud)
+        assert float(narrow.weights[i, where[t]]) > 0
 
 
 def test_pairing_is_skipped_when_the_word_gradient_is_not_the_input_side_plus_a_decoder(models):
