@@ -254,8 +254,8 @@ def test_a_once_seen_tokens_word_gradient_is_orthogonal_to_its_centred_input_onl
 
 def test_masked_lm_pairing_keeps_a_pooled_token_at_its_nearly_orthogonal_loud_positions(models, monkeypatch):
     """Given the embedding tables, a pooled token keeps its weight only at the loud positions where its word row is
-    nearly as orthogonal to the centred input as at its best (here: no other), which hold it; without the tables,
-    at every loud one."""
+    nearly as orthogonal to the centred input as at its best (here: no other), which hold it; without the tables, or
+    when no row is orthogonal enough, at every loud one."""
     target = models[("random:bert-mini", "mlm")]
     mask = target.tokenizer.mask_token_id
     update, truth = simulate_client(target, [*SENTENCES, *MORE], task="mlm", seed=5, reveal=())
@@ -273,6 +273,9 @@ def test_masked_lm_pairing_keeps_a_pooled_token_at_its_nearly_orthogonal_loud_po
         i = bag.index(t)
         assert int((wide.weights[i, loud] > 0).sum()) == len(loud)
         assert float(narrow.weights[i, where[t]]) > 0
+    monkeypatch.setattr(span_pairing, "ORTHOGONAL_MAX", 0.0)  # no row is that orthogonal: nothing is narrowed
+    kept = pair_tokens(update, bag, update.metadata.seq_len, mask=mask, parts=embedding_parts(target.model))
+    assert kept is not None and torch.equal(kept.weights, wide.weights)
 
 
 def test_pairing_is_skipped_when_the_word_gradient_is_not_the_input_side_plus_a_decoder(models):
