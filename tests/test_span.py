@@ -249,7 +249,8 @@ def test_a_once_seen_tokens_word_gradient_is_orthogonal_to_its_centred_input_onl
     once = [(t, p) for ids in truth.input_ids for p, t in enumerate(ids) if occurrences[t] == 1]
     assert len(once) >= 20
     for t, p in once:
-        assert int(_orthogonal_places(word, t, positions, parts, 0)[0]) == p
+        places, closeness = _orthogonal_places(word, t, positions, parts, 0)
+        assert int(places[0]) == p and float(closeness[0]) == 1.0
 
 
 def test_masked_lm_pairing_keeps_a_pooled_token_at_its_nearly_orthogonal_loud_positions(models, monkeypatch):
