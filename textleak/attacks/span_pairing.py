@@ -237,10 +237,11 @@ def _pair_masked(
     weights[fitted[:, None], noisy] = torch.where(unplaced >= POOLED_FLOOR, unplaced, 0.0)[:, None]
     if parts is not None:
         for row in (unplaced >= POOLED_FLOOR).nonzero().flatten().tolist():
-            if bag[fitted[row]] not in labels:
-                kept, closeness = _orthogonal_places(word, bag[fitted[row]], noisy, parts, token_type)
-                weights[fitted[row], noisy] = 0.0
-                weights[fitted[row], kept] = unplaced[row] * closeness
+            index = int(fitted[row])
+            if bag[index] not in labels:
+                kept, closeness = _orthogonal_places(word, bag[index], noisy, parts, token_type)
+                weights[index, noisy] = 0.0
+                weights[index, kept] = unplaced[row] * closeness
     if mask in bag:
         weights[bag.index(mask), noisy] = 1.0
     return Pairing(tokens=list(bag), weights=weights, residual=residual, pooled=loud)
@@ -268,8 +269,8 @@ def pair_tokens(
     noise, where span's anchors would mislead (CoLA, B=4, noise 1e-6: 64.7 ROUGE-1 with noisy pairing, 69.5
     without). With ``exact=False`` a classifier's noisy update is paired too (its word gradient is the input side
     alone), for attacks that only narrow candidates with it. ``parts`` (the model's embedding tables, position rows
-    from position 0) and ``token_type`` let an mlm pairing narrow where its once-seen tokens sit among the loud
-    positions.
+    from position 0) and ``token_type`` let an mlm pairing narrow where its pooled tokens sit among the loud
+    positions (LayerNorm's orthogonality, above).
     """
     word, position = _gradient(update, WORD), _gradient(update, POSITION)
     if word is None or position is None or not bag:
