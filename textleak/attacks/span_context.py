@@ -483,8 +483,8 @@ def assemble_by_context(
     An anchor whose best first solve is at most ``CLEAR_START`` (``CLEAR_PRICED`` once priced) is finished at once;
     with ``defer`` the others wait until every anchor has had its first solves or ``FIRST_PASS_SHARE`` of the budget
     is spent, and are then finished lowest residual first, and the anchors not reached after them, each in turn
-    (without ``defer``, each anchor is finished in turn: a masked-LM update's first solves are too loose for their
-    residual to rank anchors). To finish, the ``PROPOSALS_TRIED`` first solves with the lowest residual are priced
+    (without ``defer``, each anchor is finished at its ends in turn, since a masked-LM update's first solves are too
+    loose for their residual to rank anchors, and only then are the anchors' other lengths screened, in turn). To finish, the ``PROPOSALS_TRIED`` first solves with the lowest residual are priced
     and refined (one within ``CLEAR_EXACT`` is taken as it is), and the second layer's search descends from each
     refined proposal, lowest residual first, among ``options_for`` the length (each position's narrow favourites
     plus the proposed token), widening near a sentence to the tokens of ``reserve_for`` the length (each position's
@@ -559,10 +559,12 @@ def assemble_by_context(
         best = sorted(screens, key=lambda f: f.residual)[:PROPOSALS_TRIED]
         return finish([f for f in (solver.first_solve(anchor, b.length, first, last) for b in best) if f])
 
-    def attempt(anchor: tuple[int, int], wait: bool) -> tuple[float, list[int], list[FirstSolve], bool] | None:
+    def attempt(
+        anchor: tuple[int, int], wait: bool, screen: bool = True
+    ) -> tuple[float, list[int], list[FirstSolve], bool] | None:
         """The anchor's first solves at the ends, its best priced; it is finished at once when that is clear or it
-        may not ``wait`` (then also screened). (best residual, lengths tried, first solves, whether finished) when
-        it waits or was finished in vain, None when a sentence was accepted."""
+        may not ``wait`` (then also screened, if ``screen``). (best residual, lengths tried, first solves, whether
+        finished) when it waits or was finished in vain, None when a sentence was accepted."""
         lengths = {len(f.ids) for f in accepted}
         order = [n for n in ends if n not in lengths]
         order += [n for n in spare or [] if n not in ends and n not in lengths][:SPARE_LENGTHS]
@@ -585,7 +587,7 @@ def assemble_by_context(
         best = min((f.residual for f in starts), default=math.inf)
         clear = best <= (CLEAR_PRICED if any(f.priced for f in starts) else CLEAR_START) or not wait
         found = finish(starts) if clear else None
-        if found is None and not wait:
+        if found is None and not wait and screen:
             found = screened(anchor, tried)
         if found is not None:
             accepted.append(found)
@@ -605,10 +607,13 @@ def assemble_by_context(
         if time.perf_counter() > first_deadline:
             later = anchors[k:]
             break
-        if not held(anchor) and (waiting := attempt(anchor, defer)) is not None and defer:
+        # without ``defer`` each anchor is finished at its ends at once, and screened only in the pass below, so that
+        # one anchor's screening of every length does not spend the budget before the next anchors' ends are tried
+        if not held(anchor) and (waiting := attempt(anchor, defer, screen=False)) is not None:
             deferred.append((waiting[0], anchor, *waiting[1:]))
-    # then the waiting anchors, most promising first: their best first solves finished, then their lengths screened
-    for _, anchor, tried, starts, finished in sorted(deferred, key=lambda item: item[0]):
+    # then the waiting anchors, most promising first (without ``defer``, in turn): their best first solves finished,
+    # then their lengths screened
+    for _, anchor, tried, starts, finished in sorted(deferred, key=lambda item: item[0]) if defer else deferred:
         if len(accepted) >= wanted or over():
             break
         if held(anchor):
