@@ -484,13 +484,14 @@ def assemble_by_context(
     with ``defer`` the others wait until every anchor has had its first solves or ``FIRST_PASS_SHARE`` of the budget
     is spent, and are then finished lowest residual first, and the anchors not reached after them, each in turn
     (without ``defer``, each anchor is finished at its ends in turn, since a masked-LM update's first solves are too
-    loose for their residual to rank anchors, and only then are the anchors' other lengths screened, in turn). To finish, the ``PROPOSALS_TRIED`` first solves with the lowest residual are priced
-    and refined (one within ``CLEAR_EXACT`` is taken as it is), and the second layer's search descends from each
-    refined proposal, lowest residual first, among ``options_for`` the length (each position's narrow favourites
-    plus the proposed token), widening near a sentence to the tokens of ``reserve_for`` the length (each position's
-    full candidate list) that those options lack; it keeps a sentence the second layer accepts. When none is
-    accepted, quick solves (``SCREEN_STEPS``) rank every other length of ``spare``, and the best ``PROPOSALS_TRIED``
-    are solved, refined and searched the same way. ``budget`` (seconds) bounds the phase; ``stop_after`` new
+    loose for their residual to rank anchors, and only then are the anchors' other lengths screened, in turn). To
+    finish, the ``PROPOSALS_TRIED`` first solves with the lowest residual are priced and refined (one within
+    ``CLEAR_EXACT`` is taken as it is), and the second layer's search descends from each refined proposal, lowest
+    residual first, among ``options_for`` the length (each position's narrow favourites plus the proposed token),
+    widening near a sentence to the tokens of ``reserve_for`` the length (each position's full candidate list) that
+    those options lack; it keeps a sentence the second layer accepts. When none is accepted, quick solves
+    (``SCREEN_STEPS``) rank every other length of ``spare``, and the best ``PROPOSALS_TRIED`` are solved, refined
+    and searched the same way. ``budget`` (seconds) bounds the phase; ``stop_after`` new
     sentences end it (the span attack peels them off the update and starts over on the rest). ``solved`` records
     each anchor's first-solve residual per length; given an earlier round's record (the parent of a peeled rest),
     an anchor it holds is solved again only at its ``CARRIED_LENGTHS`` best lengths and at the ends it lacks.
