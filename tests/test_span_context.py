@@ -463,7 +463,8 @@ def test_an_anchor_whose_length_the_ends_miss_waits_while_a_clear_one_is_finishe
     """The first anchor's length is neither an end nor among the first spare lengths, so only screening would find
     it; the second anchor's first solve at an end is clear. A peeling caller (``stop_after=1``) gets the second
     anchor's sentence at once; without the stop, the waiting anchor is screened afterwards and found too. Without
-    ``defer`` (masked-LM pairings) each anchor is finished in turn, screening included."""
+    ``defer`` (masked-LM pairings) every anchor is still tried at its ends before any is screened, so the second
+    anchor's sentence comes first there too, and the first anchor's after its screening."""
     update, truth = simulate_client(mini, SENTENCES[:2], task="classification", seed=0, reveal=())
     solver, count = _solver(mini, update, truth)
     tok = mini.tokenizer
@@ -481,4 +482,5 @@ def test_an_anchor_whose_length_the_ends_miss_waits_while_a_clear_one_is_finishe
 
     assert [list(f.ids) for f in run(1)] == [second]
     assert sorted(list(f.ids) for f in run(None)) == sorted([first, second])
-    assert [list(f.ids) for f in run(1, defer=False)] == [first]
+    assert [list(f.ids) for f in run(1, defer=False)] == [second]
+    assert [list(f.ids) for f in run(None, defer=False)] == [second, first]
