@@ -560,12 +560,10 @@ def assemble_by_context(
         best = sorted(screens, key=lambda f: f.residual)[:PROPOSALS_TRIED]
         return finish([f for f in (solver.first_solve(anchor, b.length, first, last) for b in best) if f])
 
-    def attempt(
-        anchor: tuple[int, int], wait: bool, screen: bool = True
-    ) -> tuple[float, list[int], list[FirstSolve], bool] | None:
+    def attempt(anchor: tuple[int, int], wait: bool) -> tuple[float, list[int], list[FirstSolve], bool] | None:
         """The anchor's first solves at the ends, its best priced; it is finished at once when that is clear or it
-        may not ``wait`` (then also screened, if ``screen``). (best residual, lengths tried, first solves, whether
-        finished) when it waits or was finished in vain, None when a sentence was accepted."""
+        may not ``wait`` (its other lengths are screened by the caller). (best residual, lengths tried, first solves,
+        whether finished) when it waits or was finished in vain, None when a sentence was accepted."""
         lengths = {len(f.ids) for f in accepted}
         order = [n for n in ends if n not in lengths]
         order += [n for n in spare or [] if n not in ends and n not in lengths][:SPARE_LENGTHS]
@@ -588,8 +586,6 @@ def assemble_by_context(
         best = min((f.residual for f in starts), default=math.inf)
         clear = best <= (CLEAR_PRICED if any(f.priced for f in starts) else CLEAR_START) or not wait
         found = finish(starts) if clear else None
-        if found is None and not wait and screen:
-            found = screened(anchor, tried)
         if found is not None:
             accepted.append(found)
             return None
@@ -610,7 +606,7 @@ def assemble_by_context(
             break
         # without ``defer`` each anchor is finished at its ends at once, and screened only in the pass below, so that
         # one anchor's screening of every length does not spend the budget before the next anchors' ends are tried
-        if not held(anchor) and (waiting := attempt(anchor, defer, screen=False)) is not None:
+        if not held(anchor) and (waiting := attempt(anchor, defer)) is not None:
             deferred.append((waiting[0], anchor, *waiting[1:]))
     # then the waiting anchors, most promising first (without ``defer``, in turn): their best first solves finished,
     # then their lengths screened
@@ -626,6 +622,7 @@ def assemble_by_context(
     for anchor in later:
         if len(accepted) >= wanted or over():
             break
-        if not held(anchor):
-            attempt(anchor, wait=False)
+        if not held(anchor) and (missed := attempt(anchor, wait=False)) is not None:
+            if (found := screened(anchor, missed[1])) is not None:
+                accepted.append(found)
     return accepted
