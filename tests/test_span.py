@@ -249,7 +249,7 @@ def test_a_once_seen_tokens_word_gradient_is_orthogonal_to_its_centred_input_onl
     once = [(t, p) for ids in truth.input_ids for p, t in enumerate(ids) if occurrences[t] == 1]
     assert len(once) >= 20
     for t, p in once:
-        places, closeness = _orthogonal_places(word, t, positions, parts, 0)
+        places, closeness = _orthogonal_places(word[t], t, positions, parts, 0)
         assert int(places[0]) == p and float(closeness[0]) == 1.0
 
 

@@ -258,7 +258,7 @@ class SpanAttack:
             if cfg.pairing:
                 pairing = pair_tokens(
                     update, bag, meta.seq_len, offset=parts.position_offset, mask=tok.mask_token_id, parts=parts,
-                    token_type=types[0],
+                    token_type=types[0], decoder_bias=_decoder_bias(model),
                 )
             timings["pairing"] = time.perf_counter() - clock
             if pairing is not None:
@@ -569,6 +569,12 @@ def _paired(
         out.append(ranked + [t for t in fallback if t not in ranked])
         counts.append(len(ranked))
     return out, counts
+
+
+def _decoder_bias(model: torch.nn.Module) -> torch.Tensor | None:
+    """The output layer's bias (a masked-LM decoder's), or None when the model has none."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if output is None or getattr(output, "bias", None) is None else output.bias.detach()
 
 
 def _narrowed(
