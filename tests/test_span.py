@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from textleak.attacks import span_pairing
+from textleak.attacks.decoder_share import decoder_share
 from textleak.attacks.span import UNIQUE_SHARE, SpanAttack, _agrees, auto_threshold
 from textleak.attacks.span_assembly import Found, attention_accept
 from textleak.attacks.span_attention import attention_test
@@ -251,6 +252,36 @@ def test_a_once_seen_tokens_word_gradient_is_orthogonal_to_its_centred_input_onl
     for t, p in once:
         places, closeness = _orthogonal_places(word[t], t, positions, parts, 0)
         assert int(places[0]) == p and float(closeness[0]) == 1.0
+
+
+def test_a_tied_decoders_fitted_share_leaves_a_once_seen_tokens_row_orthogonal_at_its_own_position(models):
+    """On an mlm update every word row holds the tied decoder's share; fitted from the rows no input or label holds,
+    it predicts those rows, and removing it from a once-seen token's row leaves the input side, most nearly
+    orthogonal to the centred input at the token's own position (far more often than the raw row)."""
+    target = models[("random:bert-mini", "mlm")]
+    update, truth = simulate_client(target, [*SENTENCES, *MORE], task="mlm", seed=5, reveal=())
+    word = update.gradients["bert.embeddings.word_embeddings.weight"]
+    bias_gradient = update.gradients["cls.predictions.bias"]
+    labels = [int(t) for t in (bias_gradient < 0).nonzero().flatten()]
+    inside = sorted({t for ids in truth.input_ids for t in ids} | set(labels))
+    basis = span_pairing._decoder_basis(word, inside)
+    assert basis is not None and 2 <= basis.shape[1] <= 12  # one direction per masked position
+    parts = embedding_parts(target.model)
+    share = decoder_share(word, basis, inside, parts.word, None, bias_gradient)
+    outside = [t for t in range(1000, 30000, 97) if t not in inside]
+    misfit = sorted(float((word[t].double() - share(t)).norm() / word[t].double().norm()) for t in outside)
+    assert misfit[len(misfit) // 2] < 0.05
+    positions = torch.arange(update.metadata.seq_len)
+    occurrences = Counter(t for ids in truth.input_ids for t in ids)
+    once = [(t, p) for ids in truth.input_ids for p, t in enumerate(ids) if occurrences[t] == 1 and t not in labels]
+    assert len(once) >= 15
+
+    def at_own(rows: list[torch.Tensor]) -> int:
+        firsts = [_orthogonal_places(row, t, positions, parts, 0)[0][0] for row, (t, _) in zip(rows, once, strict=True)]
+        return sum(int(q) == p for q, (_, p) in zip(firsts, once, strict=True))
+
+    fitted = at_own([word[t].double() - share(t) for t, _ in once])
+    assert fitted >= 0.9 * len(once) and fitted > at_own([word[t] for t, _ in once])
 
 
 def test_masked_lm_pairing_keeps_a_pooled_token_at_its_nearly_orthogonal_loud_positions(models, monkeypatch):
