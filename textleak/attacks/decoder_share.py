@@ -7,9 +7,10 @@ label hold that share alone. In the basis B of their span (the h_m), a row is ``
 ``c_m = B^T h_m`` and ``q_tm = exp(e_t . c_m + b[t] - s_m)``, ``e_t = B^T E[t]``, and the decoder bias gradient is
 ``sum_m q_tm``: n^2 + n unknowns (C, s) that thousands of outside rows determine. The fit then predicts the share of
 every batch token's row, which leaves its input side. On MiniLM SST-2 B=4 (5 batches, 8-22 masked positions) the
-fit leaves 1.1% of an outside row (median) in about 2 s, and a once-seen token's input side is then orthogonal to
-its own centred embedding sum at 2e-6 (median cosine, against 8e-5 with the share), the most orthogonal of all
+fit leaves 1.4% of an outside row (median) in 0.35 s, and a once-seen token's input side is then orthogonal to
+its own centred embedding sum at about 2e-6 (median cosine, against 8e-5 with the share), the most orthogonal of all
 positions for 98% of them (80% with the share): LayerNorm's Jacobian projects the input out of the gradient at it.
+Random BERT-base SST-2 B=4: 97.8%; MiniLM RT B=8 (20-40 masked positions): 91.2%.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from scipy import optimize
 
 #: Outside rows the fit uses (a seeded sample): far more equations than its n^2 + n unknowns.
 SAMPLE = 1500
-#: L-BFGS iterations of the fit (it converges slowly: 300 left 5% of a row, 800 about 1%).
-ITERATIONS = 800
+#: L-BFGS iterations of the fit. MiniLM SST-2 B=4, batches 0-4: 400 leave 1.4% of an outside row (median) in 0.35 s,
+#: 1500 leave 0.8% in 1.3 s, and both put 97.9% of the once-seen tokens at their own position first.
+ITERATIONS = 400
 #: Outside rows of largest norm (per masked position) whose directions start the fit: a token whose logit at one
 #: masked position dominates its others points its row along that position's h.
 SEED_ROWS = 20
@@ -87,27 +91,26 @@ def _directions(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
 def _fit(
     a: torch.Tensor, e: torch.Tensor, b: torch.Tensor, target_bias: torch.Tensor, start: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, s) minimising the relative misfit of the rows and of the bias gradient, by L-BFGS from ``start``."""
-    scale = a.norm(dim=1).mean().clamp_min(1e-300)
-    bias_scale = target_bias.abs().mean().clamp_min(1e-300)
-    c = start.clone()
-    with torch.no_grad():  # normalisers that match the bias gradient's mean at the start
-        total = torch.exp(e @ c.T + b[:, None]).sum(dim=1).mean()
-    s = torch.full((len(c),), math.log(float(total / bias_scale)), dtype=torch.float64)
-    c.requires_grad_(True)
-    s.requires_grad_(True)
-    optimiser = torch.optim.LBFGS(
-        [c, s], lr=1, max_iter=ITERATIONS, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-14, tolerance_change=1e-16,
-    )
+    """(C, s) minimising the relative misfit of the rows and of the bias gradient, by L-BFGS from ``start`` (numpy
+    with the gradient written out: the problem is small, and autograd's per-step overhead dominated it)."""
+    a_, e_, b_, d_ = (x.numpy() for x in (a, e, b, target_bias.to(torch.float64)))
+    count, n = a_.shape
+    rows_scale = max(float(np.linalg.norm(a_, axis=1).mean()), 1e-300) ** 2
+    bias_scale = max(float(np.abs(d_).mean()), 1e-300) ** 2
+    c0 = start.numpy()
+    s0 = np.full(n, math.log(float(np.exp(e_ @ c0.T + b_[:, None]).sum(axis=1).mean()) / math.sqrt(bias_scale)))
 
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        q = torch.exp(e @ c.T + b[:, None] - s[None])
-        rows = ((q @ c - a) / scale).pow(2).sum(dim=1).mean()
-        loss = rows + ((q.sum(dim=1) - target_bias) / bias_scale).pow(2).mean()
-        loss.backward()
-        return loss
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        c, s = theta[: n * n].reshape(n, n), theta[n * n :]
+        q = np.exp(np.minimum(e_ @ c.T + b_[:, None] - s[None], 700.0))
+        rest, miss = q @ c - a_, q.sum(axis=1) - d_
+        value = float((rest**2).sum() / rows_scale + (miss**2).sum() / bias_scale) / count
+        through = (2.0 / count) * (rest @ c.T / rows_scale + miss[:, None] / bias_scale) * q
+        grad_c = (2.0 / (count * rows_scale)) * q.T @ rest + through.T @ e_
+        return value, np.concatenate([grad_c.ravel(), -through.sum(axis=0)])
 
-    optimiser.step(closure)
-    return c.detach(), s.detach()
+    theta = optimize.minimize(
+        loss, np.concatenate([c0.ravel(), s0]), jac=True, method="L-BFGS-B",
+        options={"maxiter": ITERATIONS, "ftol": 0.0, "gtol": 0.0, "maxcor": 20},
+    ).x
+    return torch.from_numpy(theta[: n * n].reshape(n, n).copy()), torch.from_numpy(theta[n * n :].copy())
