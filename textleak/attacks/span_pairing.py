@@ -235,10 +235,10 @@ def _pinned(row: torch.Tensor, token: int, live: torch.Tensor, parts: EmbeddingP
     cosine = _cosines(row, token, live, parts, token_type)
     if len(cosine) < 2:
         return None
-    best, second = cosine.topk(2, largest=False)
-    if float(best[0]) > ORTHOGONAL_MAX or float(best[1]) < PIN_MARGIN * float(best[0]):
+    smallest, where = cosine.topk(2, largest=False)
+    if float(smallest[0]) > ORTHOGONAL_MAX or float(smallest[1]) < PIN_MARGIN * float(smallest[0]):
         return None
-    return int(live[second[0]])
+    return int(live[where[0]])
 
 
 def _sits_loud(
@@ -298,7 +298,8 @@ def _pair_masked(
             if predicted is not None and (place := _pinned(own, token, live, parts, token_type)) is not None:
                 weights[index] = 0.0
                 weights[index, place] = 1.0
-            elif unplaced[row] >= POOLED_FLOOR:
+                continue
+            if unplaced[row] >= POOLED_FLOOR:
                 weight = float(unplaced[row])
             elif predicted is not None and _sits_loud(own, token, noisy, live_quiet, parts, token_type):
                 weight = 1.0
