@@ -360,11 +360,10 @@ class SpanAttack:
             confirm = partial(_agrees, test, anchor_set, search.attention_accept, rank_test)
             if cfg.context:
                 clock_phase = time.perf_counter()
-                # tokens seen more than once may sit anywhere: the pairing spreads their share over the positions
-                # (an mlm pairing too, at the quiet positions: MiniLM SST-2 and RT B=8, 5 batches each, 87 of the 130
-                # true tokens missing from the lists are tokens seen more than once)
+                # tokens seen more than once may sit anywhere: the pairing spreads their share over the positions;
+                # an mlm pairing already offers each [MASK] position every token it did not place whole
                 once = {t for t, _ in single} | {sep, cls, pad}
-                anywhere = sorted({t for ts in passing for t in ts} - once)
+                anywhere = [] if pairing.pooled is not None else sorted({t for ts in passing for t in ts} - once)
                 narrow = [[cls]] + [
                     [t for t in tokens[: paired_count[p]] if t not in (cls, pad)] + [sep]
                     for p, tokens in enumerate(passing) if p > 0
