@@ -284,29 +284,6 @@ def test_a_tied_decoders_fitted_share_leaves_a_once_seen_tokens_row_orthogonal_a
     assert fitted >= 0.9 * len(once) and fitted > at_own([word[t] for t, _ in once])
 
 
-def test_masked_lm_pairing_pins_a_token_whose_decoder_free_row_is_orthogonal_at_one_position_only(models, monkeypatch):
-    """With the decoder's share removed, a token whose row is far more orthogonal at one live position than at any
-    other is seen once there: the pairing places it there alone (quiet or loud), and every such pin is true; with no
-    margin enough, nothing is pinned."""
-    target = models[("random:bert-mini", "mlm")]
-    mask = target.tokenizer.mask_token_id
-    update, truth = simulate_client(target, [*SENTENCES, *MORE], task="mlm", seed=5, reveal=())
-    bag = sorted({t for ids in truth.input_ids for t in ids})
-    true = {(t, p) for ids in truth.input_ids for p, t in enumerate(ids)}
-
-    def pins() -> list[tuple[int, int]]:
-        pairing = pair_tokens(update, bag, update.metadata.seq_len, mask=mask, parts=embedding_parts(target.model))
-        assert pairing is not None and pairing.pooled is not None
-        alone = [i for i, t in enumerate(bag) if t != mask and int((pairing.weights[i] > 0).sum()) == 1]
-        return [(bag[i], int(pairing.weights[i].argmax())) for i in alone if float(pairing.weights[i].max()) == 1.0]
-
-    pinned = pins()
-    assert len(pinned) >= 15 and all(pin in true for pin in pinned)
-    assert any(p in {p for ids in truth.input_ids for p, t in enumerate(ids) if t == mask} for _, p in pinned)
-    monkeypatch.setattr(span_pairing, "PIN_MARGIN", float("inf"))
-    assert pins() == []
-
-
 def test_loud_splits_offer_the_edge_after_a_wider_gap_among_the_quiet_positions():
     """A quiet position that only one short sentence reaches can sit further below the next than the loud edge's
     gap: the split at that widest gap comes first, the loud edge next, and padding (zero rows) is never loud."""

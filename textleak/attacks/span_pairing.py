@@ -82,11 +82,6 @@ ORTHOGONAL_RATIO = 10.0
 #: batches each): 48 of the 87 once-seen tokens at a loud position that the fit had placed on quiet ones, 46 of them
 #: at their own position first, against 4 tokens pooled that sit at no loud position.
 LOUD_MARGIN = 3.0
-#: A token whose row (decoder share removed) is this many times less orthogonal at every other live position than at
-#: its best is seen once, there: it is placed there alone, whatever the fit spread of it. MiniLM mlm, RT B=4 (10
-#: batches) and SST-2 B=8 (4 batches): 447 and 242 tokens pinned, all but 2 at a true position; 13 and 10 of them are
-#: tokens seen more than once, whose other positions are then left to the second layer's wider lists.
-PIN_MARGIN = 30.0
 
 
 @dataclass(frozen=True)
@@ -238,18 +233,6 @@ def _cosines(
     return (inputs @ row).abs() / (inputs.norm(dim=1) * row.norm()).clamp_min(1e-300)
 
 
-def _pinned(row: torch.Tensor, token: int, live: torch.Tensor, parts: EmbeddingParts, token_type: int) -> int | None:
-    """The one position a token is seen at, when its row (decoder share removed) is nearly orthogonal there
-    (``ORTHOGONAL_MAX``) and ``PIN_MARGIN`` times less so at every other live position; else None."""
-    cosine = _cosines(row, token, live, parts, token_type)
-    if len(cosine) < 2:
-        return None
-    smallest, where = cosine.topk(2, largest=False)
-    if float(smallest[0]) > ORTHOGONAL_MAX or float(smallest[1]) < PIN_MARGIN * float(smallest[0]):
-        return None
-    return int(live[where[0]])
-
-
 def _sits_loud(
     row: torch.Tensor, token: int, loud: torch.Tensor, quiet: torch.Tensor, parts: EmbeddingParts, token_type: int
 ) -> bool:
@@ -298,16 +281,11 @@ def _pair_masked(
     if parts is not None:
         predicted = None if share is None else share(basis, sorted({*bag, *labels}))
         live_quiet = quiet[targets[quiet].norm(dim=1) > 0]
-        live = torch.cat([live_quiet, noisy])
         for row, index in enumerate(fitted.tolist()):
             token = bag[index]
             if token in labels:
                 continue
             own = word[token].to(torch.float64) - (0 if predicted is None else predicted(token))
-            if predicted is not None and (place := _pinned(own, token, live, parts, token_type)) is not None:
-                weights[index] = 0.0
-                weights[index, place] = 1.0
-                continue
             if unplaced[row] >= POOLED_FLOOR:
                 weight = float(unplaced[row])
             elif predicted is not None and _sits_loud(own, token, noisy, live_quiet, parts, token_type):
