@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -253,14 +252,14 @@ def _pair_masked(
     labels: set[int],
     parts: EmbeddingParts | None,
     token_type: int,
-    share: Callable[[torch.Tensor, list[int]], Callable[[int], torch.Tensor] | None] | None,
+    decoder_bias: torch.Tensor | None,
+    bias_gradient: torch.Tensor | None,
 ) -> Pairing | None:
     """Pairing of a masked-LM update (tied decoder): the fit on the quiet positions, without [MASK], after
     projecting the decoder's share out; each loud position gets [MASK] and every token's unplaced weight, only at its
-    nearly orthogonal loud positions when ``parts`` (the embedding tables) are given. ``share`` (from the decoder
-    basis and the tokens inside: input and labels) predicts a row's decoder share, which the orthogonality test
-    removes first; with it, a token the fit placed on quiet positions but seen once at a loud one is pooled there
-    too."""
+    nearly orthogonal loud positions when ``parts`` (the embedding tables) are given. With the decoder's bias
+    gradient too, each row's decoder share is fitted (``decoder_share``) and removed before that test, and a token
+    the fit placed on quiet positions but seen once at a loud one is pooled there too."""
     basis = _decoder_basis(word, bag)
     if basis is None:
         return None
@@ -279,7 +278,10 @@ def _pair_masked(
     unplaced = (1 - placed.sum(1)).clamp_min(0)
     weights[fitted[:, None], noisy] = torch.where(unplaced >= POOLED_FLOOR, unplaced, 0.0)[:, None]
     if parts is not None:
-        predicted = None if share is None else share(basis, sorted({*bag, *labels}))
+        predicted = None
+        if bias_gradient is not None:
+            inside = sorted({*bag, *labels})
+            predicted = decoder_share(word, basis, inside, parts.word, decoder_bias, bias_gradient)
         live_quiet = quiet[targets[quiet].norm(dim=1) > 0]
         for row, index in enumerate(fitted.tolist()):
             token = bag[index]
@@ -335,24 +337,12 @@ def pair_tokens(
     if not _untied(word, bag):
         if task == "mlm" and mask is not None:
             labels = set(label_bag(update) or ())
-            bias_gradient = output_bias_gradient(update)
-            share = None
-            if parts is not None and bias_gradient is not None:
-                share = partial(_share, word, parts.word, decoder_bias, bias_gradient)
-            return _pair_masked(word, targets, bag, mask, iterations, labels, parts, token_type, share)
+            return _pair_masked(
+                word, targets, bag, mask, iterations, labels, parts, token_type, decoder_bias,
+                output_bias_gradient(update),
+            )
         if exact or task != "classification":
             return None
     weights, residual = _fit(word[bag].to(torch.float64), targets, iterations, _project_simplex_rows)
     return Pairing(tokens=list(bag), weights=weights, residual=residual)
 
-
-def _share(
-    word: torch.Tensor,
-    embeddings: torch.Tensor,
-    bias: torch.Tensor | None,
-    bias_gradient: torch.Tensor,
-    basis: torch.Tensor,
-    inside: list[int],
-) -> Callable[[int], torch.Tensor]:
-    """``decoder_share`` with the basis and inside tokens last, as ``_pair_masked`` calls it."""
-    return decoder_share(word, basis, inside, embeddings, bias, bias_gradient)
