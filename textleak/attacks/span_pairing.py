@@ -345,4 +345,3 @@ def pair_tokens(
             return None
     weights, residual = _fit(word[bag].to(torch.float64), targets, iterations, _project_simplex_rows)
     return Pairing(tokens=list(bag), weights=weights, residual=residual)
-
