@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
         "--lamp-option", action="append", default=[], metavar="KEY=VALUE", help="lamp option (repeatable)"
     )
     parser.add_argument(
-        "--prior-text", type=Path, default=REPO.parent / "shared" / "data" / "text" / "wikitext2" / "valid.txt"
+        "--prior-text", type=Path, default=None, help="n-gram text (default: wikitext2/valid.txt in --data-root)"
     )
     parser.add_argument(
         "--prior-file", type=Path, default=Path(tempfile.gettempdir()) / "textleak_prior_wikitext2_valid.safetensors"
@@ -66,7 +66,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the batches already in --out and run the rest")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "lamp_benchmark.json")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.prior_text is None:
+        args.prior_text = args.data_root / "wikitext2" / "valid.txt"
+    return args
 
 
 def lamp_options(items: list[str], prior_file: Path, seed: int) -> dict:
