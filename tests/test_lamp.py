@@ -185,3 +185,26 @@ def test_noised_rows_are_required_and_the_position_guess_outlives_noisy_span_set
     assert set(candidates.required) == set(ids[1:-1])
     for p, token in enumerate(ids[1:-1], start=1):
         assert bool(candidates.allowed[0, p, token])
+
+
+def test_at_b4_under_noise_the_pairings_sets_are_not_cut_by_the_noisy_span_sets():
+    """Under noise 1e-4 (MiniLM, B=4) the span's top tokens per position miss many of the batch's, and intersecting
+    them with the pairing's sets left 20 of 34 true tokens allowed where they sit; the pairing's sets alone keep
+    nearly all of them, and the attack records that the span sets went unused."""
+    from textleak.models import load_model
+
+    target = load_model("default", head="classification")
+    sentences = [
+        "the old boat drifted past the harbour wall.",
+        "my sister painted a small blue door.",
+        "nobody heard the train arrive that night.",
+        "we kept the letters in a wooden box.",
+    ]
+    update, truth = defended_client(
+        target, sentences, task="classification", labels=[1, 0, 1, 0], seed=0, defenses=["noise:sigma=1e-4"]
+    )
+    _, candidates, _ = get_attack("lamp", constraints="all").setup(update, target)
+    assert "span_unused" in candidates.details and candidates.details["span_top_k"] is None
+    true = [(k, p, t) for k, ids in enumerate(truth.input_ids) for p, t in enumerate(ids[1:-1], start=1)]
+    allowed = sum(bool(candidates.allowed[k, p, t]) for k, p, t in true)
+    assert allowed >= 0.9 * len(true)
