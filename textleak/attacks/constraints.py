@@ -192,6 +192,10 @@ def build_candidates(
             warnings.append("constraint labels: the labels are not tokens, or the output-bias gradient is missing")
     vocabulary = _combine(sets, vocab)
     required = sorted({t for s in sets if s.exact or s.subset or s.sure for t in s.ids if bool(base[t])})
+    if rows is not None and mode in ("embedding-rows", "all") and not (rows.exact or rows.sure):
+        # rows kept below ``SURE_RATIO`` widen the vocabulary; those above it are still surely in the batch
+        sure = embedding_row_tokens(update, SURE_RATIO)
+        required = sorted(set(required) | {t for t in (sure.ids if sure else []) if bool(base[t])})
     if vocabulary is not None and any(s.exact for s in sets):
         required = [t for t in required if bool(vocabulary[t])]
     per_position, start = None, None
