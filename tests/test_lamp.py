@@ -187,7 +187,7 @@ def test_noised_rows_are_required_and_the_position_guess_outlives_noisy_span_set
         assert bool(candidates.allowed[0, p, token])
 
 
-def test_at_b4_under_noise_the_pairings_sets_are_not_cut_by_the_noisy_span_sets():
+def test_at_b4_under_noise_the_pairings_sets_are_not_cut_by_the_noisy_span_sets_and_sure_rows_stay_required():
     """Under noise 1e-4 (MiniLM, B=4) the span's top tokens per position miss many of the batch's, and intersecting
     them with the pairing's sets left 20 of 34 true tokens allowed where they sit; the pairing's sets alone keep
     nearly all of them, and the attack records that the span sets went unused."""
@@ -208,3 +208,7 @@ def test_at_b4_under_noise_the_pairings_sets_are_not_cut_by_the_noisy_span_sets(
     true = [(k, p, t) for k, ids in enumerate(truth.input_ids) for p, t in enumerate(ids[1:-1], start=1)]
     allowed = sum(bool(candidates.allowed[k, p, t]) for k, p, t in true)
     assert allowed >= 0.9 * len(true)
+    # a looser row ratio widens the vocabulary, and the rows above SURE_RATIO stay required
+    _, looser, _ = get_attack("lamp", constraints="all", row_ratio=1.3).setup(update, target)
+    assert looser.required == candidates.required and candidates.required
+    assert looser.details["vocabulary_size"] >= candidates.details["vocabulary_size"]
