@@ -203,12 +203,12 @@ def test_at_b4_under_noise_the_pairings_sets_are_not_cut_by_the_noisy_span_sets_
     update, truth = defended_client(
         target, sentences, task="classification", labels=[1, 0, 1, 0], seed=0, defenses=["noise:sigma=1e-4"]
     )
-    _, candidates, _ = get_attack("lamp", constraints="all").setup(update, target)
+    _, candidates, _ = get_attack("lamp", constraints="all", row_ratio=2.0).setup(update, target)
     assert "span_unused" in candidates.details and candidates.details["span_top_k"] is None
     true = [(k, p, t) for k, ids in enumerate(truth.input_ids) for p, t in enumerate(ids[1:-1], start=1)]
     allowed = sum(bool(candidates.allowed[k, p, t]) for k, p, t in true)
     assert allowed >= 0.9 * len(true)
-    # a looser row ratio widens the vocabulary, and the rows above SURE_RATIO stay required
-    _, looser, _ = get_attack("lamp", constraints="all", row_ratio=1.3).setup(update, target)
+    # the default, looser row ratio widens the vocabulary, and the rows above SURE_RATIO stay required
+    _, looser, _ = get_attack("lamp", constraints="all").setup(update, target)
     assert looser.required == candidates.required and candidates.required
     assert looser.details["vocabulary_size"] >= candidates.details["vocabulary_size"]

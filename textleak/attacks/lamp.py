@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from textleak.attacks.base import Progress, Reconstruction
-from textleak.attacks.constraints import CONSTRAINTS, Candidates, build_candidates
+from textleak.attacks.constraints import CONSTRAINTS, ROW_RATIO, Candidates, build_candidates
 from textleak.attacks.decode import allowed_tokens, nearest_tokens
 from textleak.attacks.loop import LoopConfig, match_gradients
 from textleak.attacks.optimization import GradientProblem, OptimizationAttack, TextAttackConfig, cosine_distance
@@ -65,7 +65,7 @@ class LampConfig(TextAttackConfig):
     constraints: str = "all"
     span_top_k: int = 8
     position_top_k: int = 3
-    row_ratio: float = 2.0
+    row_ratio: float = ROW_RATIO
     score_chunk: int = 4
     stop_distance: float = 1e-9
 
