@@ -58,12 +58,12 @@ WORD_EMBEDDINGS = "word_embeddings.weight"
 @dataclass(frozen=True)
 class TokenSet:
     """Token ids from one side channel: ``exact`` (the batch's tokens), or ``subset`` (some of them), or neither
-    (an approximate superset); ``sure``: an approximate superset whose every token certainly occurs."""
+    (an approximate superset); ``sure``: those of ``ids`` that certainly occur in the batch."""
 
     ids: list[int]
     exact: bool
     subset: bool = False
-    sure: bool = False
+    sure: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -93,8 +93,8 @@ def embedding_row_tokens(update: Update, ratio: float) -> TokenSet | None:
     """Tokens whose word-embedding gradient row is non-zero (above ``ratio`` x the median row norm if that is not 0).
 
     Under i.i.d. noise every row outside the batch is noise alone, whose norms cluster tightly around the median,
-    so with ``ratio`` at least ``SURE_RATIO`` each row kept surely belongs to a token of the batch: the set is
-    ``sure``, though tokens with weaker rows may be missing.
+    so each row above ``SURE_RATIO`` x the median surely belongs to a token of the batch (``sure``), though tokens
+    with weaker rows may be missing.
     """
     grads = [g for n, g in update.gradients.items() if n.endswith(WORD_EMBEDDINGS)]
     if not grads:
@@ -102,7 +102,8 @@ def embedding_row_tokens(update: Update, ratio: float) -> TokenSet | None:
     norms = grads[0].to(torch.float64).norm(dim=-1)
     median = float(norms.median())
     present = (norms > ratio * median).nonzero().flatten().tolist()
-    return TokenSet(present, exact=median == 0.0, sure=median > 0 and ratio >= SURE_RATIO) if present else None
+    sure = (norms > max(ratio, SURE_RATIO) * median).nonzero().flatten().tolist() if median > 0 else []
+    return TokenSet(present, exact=median == 0.0, sure=sure) if present else None
 
 
 def label_tokens(update: Update) -> TokenSet | None:
@@ -144,23 +145,26 @@ def paired_position_tokens(
     return mask
 
 
-def span_position_tokens(
-    update: Update, model: torch.nn.Module, layout: Layout, top_k: int
-) -> tuple[torch.Tensor, bool] | None:
-    """(L, top_k) token ids of lowest first-layer span residual per position, and whether the span is noisy (its
-    spectrum shows additive noise, or fills more directions than there are tokens); None without layer-0
-    gradients."""
+def first_layer_span(update: Update, model: torch.nn.Module) -> SpanBasis | None:
+    """The first layer's input span from its query/key/value gradients; None without them."""
     try:
-        stacked = stacked_gradient(update, qkv_gradient_names(model, 0))
+        return span_basis(stacked_gradient(update, qkv_gradient_names(model, 0)))
     except ValueError:
         return None
-    span = span_basis(stacked)
+
+
+def noisy_span(span: SpanBasis, layout: Layout) -> bool:
+    """Whether the span's spectrum shows additive noise, or it fills more directions than there are tokens."""
+    return span.noise > 0 or span.rank > int(layout.attention_mask.sum())
+
+
+def span_position_tokens(span: SpanBasis, model: torch.nn.Module, layout: Layout, top_k: int) -> torch.Tensor:
+    """(L, top_k) token ids of lowest residual per position against the first layer's ``span``."""
     tokens = int(layout.attention_mask.sum())
-    noisy = span.noise > 0 or span.rank > tokens
     if span.rank > tokens:  # noise fills the spectrum: keep the strongest directions, at most one per token
         span = SpanBasis(span.basis[:, :tokens].contiguous(), span.spectrum, tokens, span.gap)
     _, ids = candidate_residuals(embedding_parts(model), span, layout.fixed_ids.shape[1], [0], keep=top_k)
-    return ids[:, 0], noisy
+    return ids[:, 0]
 
 
 def build_candidates(
@@ -198,11 +202,7 @@ def build_candidates(
         elif update.metadata.task != "classification":
             warnings.append("constraint labels: the labels are not tokens, or the output-bias gradient is missing")
     vocabulary = _combine(sets, vocab)
-    required = sorted({t for s in sets if s.exact or s.subset or s.sure for t in s.ids if bool(base[t])})
-    if rows is not None and mode in ("embedding-rows", "all") and not (rows.exact or rows.sure):
-        # rows kept below ``SURE_RATIO`` widen the vocabulary; those above it are still surely in the batch
-        sure = embedding_row_tokens(update, SURE_RATIO)
-        required = sorted(set(required) | {t for t in (sure.ids if sure else []) if bool(base[t])})
+    required = sorted({t for s in sets for t in (s.ids if s.exact or s.subset else s.sure) if bool(base[t])})
     if vocabulary is not None and any(s.exact for s in sets):
         required = [t for t in required if bool(vocabulary[t])]
     per_position, start = None, None
@@ -225,17 +225,17 @@ def build_candidates(
             per_position = _mask(position_ids, vocab)
             start = position_ids[None, :, 0]
     if mode in ("span", "all"):
-        found = span_position_tokens(update, model, layout, top_k)
-        details["span_top_k"] = None if found is None else top_k
-        if found is None:
+        span = first_layer_span(update, model)
+        details["span_top_k"] = None if span is None else top_k
+        if span is None:
             warnings.append("constraint span: the update has no first-layer query/key/value gradients")
-        elif found[1] and layout.fixed_ids.shape[0] > 1 and per_position is not None:
+        elif layout.fixed_ids.shape[0] > 1 and per_position is not None and noisy_span(span, layout):
             # at B > 1 a noisy span's top tokens miss half the batch's (MiniLM CoLA B=4, noise 1e-4: 16-18 of 41-51
             # true tokens in their position's top 8, against 32-40 in the pairing's sets), and intersecting them
             # with the pairing's sets drops the rest: the pairing's sets stand alone
             details["span_top_k"], details["span_unused"] = None, "noisy span at B > 1: the pairing's sets kept"
         else:
-            span_mask = _mask(found[0], vocab)
+            span_mask = _mask(span_position_tokens(span, model, layout, top_k), vocab)
             both = None if per_position is None else per_position & span_mask
             # where the span sets (noisy) and the position sets disagree entirely, keep the position sets
             per_position = span_mask if both is None else torch.where(both.any(-1, keepdim=True), both, per_position)
