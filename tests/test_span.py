@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from functools import partial
@@ -11,7 +12,7 @@ import torch
 
 from textleak.attacks import span_pairing
 from textleak.attacks.decoder_share import decoder_share
-from textleak.attacks.span import UNIQUE_SHARE, SpanAttack, _agrees, auto_threshold
+from textleak.attacks.span import UNIQUE_SHARE, SpanAttack, _agrees, _decoder_bias, auto_threshold
 from textleak.attacks.span_assembly import Found, attention_accept
 from textleak.attacks.span_attention import attention_test
 from textleak.attacks.span_pairing import _orthogonal_places, pair_tokens
@@ -319,6 +320,35 @@ def test_masked_lm_pairing_keeps_a_pooled_token_at_its_nearly_orthogonal_loud_po
     monkeypatch.setattr(span_pairing, "ORTHOGONAL_MAX", 0.0)  # no row is that orthogonal: nothing is narrowed
     kept = pair_tokens(update, bag, update.metadata.seq_len, mask=mask, parts=embedding_parts(target.model))
     assert kept is not None and torch.equal(kept.weights, wide.weights)
+
+
+def test_masked_lm_pairing_sets_a_once_seen_tokens_far_shares_apart_as_slack(models, monkeypatch):
+    """The quiet fit spreads small shares of a once-seen token over other positions; with the decoder's share removed
+    its row is orthogonal at its own position only, so those far shares move to the slack and its own stays."""
+    target = models[("random:bert-mini", "mlm")]
+    mask = target.tokenizer.mask_token_id
+    update, truth = simulate_client(target, [*SENTENCES, *MORE], task="mlm", seed=5, reveal=())
+    bag = sorted({t for ids in truth.input_ids for t in ids})
+    options = {"mask": mask, "parts": embedding_parts(target.model), "decoder_bias": _decoder_bias(target.model)}
+    narrow = pair_tokens(update, bag, update.metadata.seq_len, **options)
+    monkeypatch.setattr(span_pairing, "FAR_RATIO", math.inf)
+    wide = pair_tokens(update, bag, update.metadata.seq_len, **options)
+    assert wide is not None and narrow is not None
+    occurrences = Counter(t for ids in truth.input_ids for t in ids)
+    where = {t: p for ids in truth.input_ids for p, t in enumerate(ids)}
+    once = [bag.index(t) for t in bag if occurrences[t] == 1 and t != mask]
+
+    def elsewhere(pairing) -> int:
+        return sum(int((pairing.weights[i] > 0).sum()) - int(pairing.weights[i, where[bag[i]]] > 0) for i in once)
+
+    def own(pairing) -> int:
+        return sum(int(pairing.weights[i, where[bag[i]]] > 0) for i in once)
+
+    assert elsewhere(wide) >= 30 and elsewhere(narrow) <= 0.2 * elsewhere(wide)
+    assert own(narrow) == own(wide) >= 0.9 * len(once)
+    # moved, not lost: a token seen twice whose one occurrence dominates looks the same
+    assert torch.allclose(narrow.weights + narrow.slack, wide.weights)
+    assert {t for t, _ in narrow.ranked(3, 0.01, slack=True)} <= {t for t, _ in wide.ranked(3, 0.01)}
 
 
 def test_pairing_is_skipped_when_the_word_gradient_is_not_the_input_side_plus_a_decoder(models):

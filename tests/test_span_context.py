@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from textleak.attacks import span_context
 from textleak.attacks.span import SpanAttack
 from textleak.attacks.span_assembly import FirstLayer, Found, SentenceSearch
 from textleak.attacks.span_context import (
@@ -87,6 +88,30 @@ def test_a_once_seen_token_gets_its_own_sentence_proposed(mini):
         assert residual < 1e-3
         wrong = solver.propose(anchor, len(ids) - 1, tok.cls_token_id, tok.sep_token_id)
         assert wrong is not None and wrong[0] > 10 * residual
+
+
+def test_crowding_says_in_advance_which_first_solves_are_refused(mini, monkeypatch):
+    """``crowding`` (free unknowns per equation) says in advance what a first solve finds: lists with far more
+    candidates than one anchor's equations are refused; the batch's own tokens there are solved, to the sentence."""
+    update, truth = simulate_client(mini, SENTENCES, task="classification", seed=0, reveal=())
+    tok = mini.tokenizer
+    count = Counter(t for ids in truth.input_ids for t in ids)
+    bag = sorted(count)
+    here = [sorted({ids[p] for ids in truth.input_ids if p < len(ids)}) for p in range(update.metadata.seq_len)]
+    tight = [h + [tok.sep_token_id] if p else [tok.cls_token_id] for p, h in enumerate(here)]
+    wide = [sorted(set(h) | set(bag[:40])) if p else h for p, h in enumerate(tight)]
+    ids = truth.input_ids[0]
+    anchor = next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1)
+    parts = embedding_parts(mini.model)
+    loose, solver = (context_solver(mini.model, update, parts, lists, 0, []) for lists in (wide, tight))
+    assert loose is not None and solver is not None
+    equations = solver.off.shape[1]
+    unknowns = [sum(len(lists[p]) for p in range(len(ids))) - len(ids) for lists in (wide, tight)]
+    monkeypatch.setattr(span_context, "UNDERDETERMINED", sum(unknowns) / 2 / equations)  # between the two
+    assert loose.crowding(len(ids)) > span_context.UNDERDETERMINED > solver.crowding(len(ids))
+    assert loose.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id) is None
+    start = solver.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
+    assert start is not None and solver.rounded(start) == list(ids)
 
 
 def test_an_anchor_that_is_no_candidate_gets_no_proposal(mini):

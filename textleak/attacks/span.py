@@ -95,6 +95,13 @@ ROUND_LINGER = 5.0
 #: The loosest second-layer acceptance: beyond it a true sentence cannot be told from a near miss.
 ACCEPT_MAX = 0.1
 
+#: An mlm pairing's slack (``Pairing.slack``) is left out of the context phase's lists when they would give a first
+#: solve at the longest end at least this many free unknowns per equation. MiniLM mlm, single batches: SST-2 B=4
+#: batch 2 (1.1 per equation) and RT B=4 batch 19 (1.7) are exact in 39 s and 34 s with the slack kept, 2 of 4 at the
+#: 60 s limit without it (a twice-seen token loses the lesser of its places); RT B=8 batch 3 (2.7) was exact only
+#: without it.
+CROWDED = 1.8
+
 
 @dataclass(frozen=True, kw_only=True)
 class SpanConfig:
@@ -251,6 +258,7 @@ class SpanAttack:
             warnings.append(f"no candidate passes the layer-1 threshold {threshold:.2e}; best candidates used")
         pairing, test = None, None
         paired_count = [0] * len(passing)
+        tight_count = paired_count
         if meta.batch_size > 1 and (cfg.pairing or cfg.attention):
             clock = time.perf_counter()
             bag = sorted({t for tokens in passing for t in tokens})
@@ -262,7 +270,9 @@ class SpanAttack:
                 )
             timings["pairing"] = time.perf_counter() - clock
             if pairing is not None:
-                passing, paired_count = _paired(passing, pairing, parts, span1, types[0], cfg.pair_floor, threshold)
+                passing, paired_count, tight_count = _paired(
+                    passing, pairing, parts, span1, types[0], cfg.pair_floor, threshold
+                )
         sep, cls, pad = tok.sep_token_id, tok.cls_token_id, tok.pad_token_id
         lengths = _lengths(passing, res, ids, sep)
         if not any(sep in passing[p] for p in range(len(passing))):
@@ -364,11 +374,17 @@ class SpanAttack:
                 # an mlm pairing already offers each [MASK] position every token it did not place whole
                 once = {t for t, _ in single} | {sep, cls, pad}
                 anywhere = [] if pairing.pooled is not None else sorted({t for ts in passing for t in ts} - once)
-                narrow = [[cls]] + [
-                    [t for t in tokens[: paired_count[p]] if t not in (cls, pad)] + [sep]
-                    for p, tokens in enumerate(passing) if p > 0
-                ]
-                solver = context_solver(model, update, parts, narrow, types[0], anywhere)
+                def narrow(counts: list[int]) -> list[list[int]]:
+                    return [[cls]] + [
+                        [t for t in tokens[: counts[p]] if t not in (cls, pad)] + [sep]
+                        for p, tokens in enumerate(passing) if p > 0
+                    ]
+
+                solver = context_solver(model, update, parts, narrow(paired_count), types[0], anywhere)
+                if solver is not None and tight_count != paired_count and solver.crowding(max(ends)) >= CROWDED:
+                    # the pairing's slack is left out, of the first solves and of the search's lists alike
+                    paired_count = tight_count
+                    solver = context_solver(model, update, parts, narrow(paired_count), types[0], anywhere)
                 if solver is not None:
                     # an mlm pairing's first solves are loose (``defer`` below): peeled after each sentence
                     hidden = parts.word.shape[1]
@@ -552,23 +568,29 @@ def _paired(
     token_type: int,
     floor: float,
     threshold: float,
-) -> tuple[list[list[int]], list[int]]:
+) -> tuple[list[list[int]], list[int], list[int]]:
     """Per position, the bag's tokens whose pairing share there is at least ``floor`` and which pass the layer-1
-    check there, largest share first, then the position's other layer-1 candidates (a poor fit, as on randomly
-    initialised models whose word gradients are nearly collinear, then costs search time, never a lost token);
-    and per position how many lead the list from the pairing."""
-    out, counts = [], []
+    check there, largest share first, then those of its slack shares (``Pairing.slack``), then the position's other
+    layer-1 candidates (a poor fit, as on randomly initialised models whose word gradients are nearly collinear, then
+    costs search time, never a lost token); per position how many lead the list from the pairing, and how many of
+    those from its shares alone."""
+    out, counts, tight = [], [], []
     for p, fallback in enumerate(passing):
         ranked = [t for t, _ in pairing.ranked(p, floor)]
-        if ranked:
-            n = len(ranked)
+        spare = [t for t, _ in pairing.ranked(p, floor, slack=True)]
+        if ranked or spare:
+            both = ranked + spare
+            n = len(both)
             rows = first_layer_inputs(
-                parts, torch.tensor(ranked), torch.full((n,), p), torch.full((n,), token_type, dtype=torch.long)
+                parts, torch.tensor(both), torch.full((n,), p), torch.full((n,), token_type, dtype=torch.long)
             )
-            ranked = [t for t, r in zip(ranked, span.residual(rows).tolist(), strict=True) if r <= threshold]
-        out.append(ranked + [t for t in fallback if t not in ranked])
-        counts.append(len(ranked))
-    return out, counts
+            passed = {t for t, r in zip(both, span.residual(rows).tolist(), strict=True) if r <= threshold}
+            ranked = [t for t in ranked if t in passed]
+            spare = [t for t in spare if t in passed]
+        out.append(ranked + spare + [t for t in fallback if t not in ranked and t not in spare])
+        counts.append(len(ranked) + len(spare))
+        tight.append(len(ranked))
+    return out, counts, tight
 
 
 def _decoder_bias(model: torch.nn.Module) -> torch.Tensor | None:

@@ -206,6 +206,12 @@ class ContextSolver:
         m, residual = self._solve([self.index[anchor]], live, at, length, start, steps)
         return FirstSolve(anchor[1], length, allowed, live, m, residual, self.index[anchor])
 
+    def crowding(self, length: int) -> float:
+        """Free unknowns per equation of a first solve at ``length`` over the narrow lists (ignoring the anchor's
+        and the frame's own positions): above ``UNDERDETERMINED`` the solve is refused."""
+        unknowns = int((self.narrow & (self.position < length)).sum()) - length
+        return unknowns / self.off.shape[1]
+
     def price(self, start: FirstSolve) -> FirstSolve:
         """The first solve over more occurrences, added by column generation.
 
@@ -409,7 +415,9 @@ def context_solver(
     anywhere: list[int],
 ) -> ContextSolver | None:
     """The solver for the first layer, or None when its modules or output-projection gradient cannot be found, or
-    when that gradient's span is full or blurred (no clear spectral gap: noised or pruned updates)."""
+    when that gradient's span is full or blurred (no clear spectral gap: noised or pruned updates). ``options``: the
+    candidates per position of the first solves; ``anywhere``: tokens offered at every position to pricing and
+    refinement only."""
     found = first_attention(model)
     output = next(
         (m for name, m in encoder_layers(model)[0].named_modules() if any(name.endswith(end) for end in OUTPUT)), None

@@ -37,7 +37,11 @@ Removing the decoder's share first (``decoder_share`` fits it from the rows outs
 once-seen token's row is then most orthogonal at its own position for 98% of them (80% with the share, MiniLM SST-2
 B=4). It also finds once-seen tokens that the quiet fit placed although they sit at a loud position (the fit spreads
 such a token over quiet positions whose gradients happen to explain it; about two per batch): when its row is
-``LOUD_MARGIN`` times more orthogonal at a loud position than at any live quiet one, it is pooled there too.
+``LOUD_MARGIN`` times more orthogonal at a loud position than at any live quiet one, it is pooled there too. And the
+same test sets the quiet fit's slack apart (``Pairing.slack``): a nearly orthogonal token's small shares at the
+positions where its row is far from orthogonal (``FAR_RATIO``), which at B=8 put 12-24 tokens seen once elsewhere
+at each quiet position. A token seen twice whose one occurrence dominates looks the same, so the slack is kept, to be
+left out only where the lists are too wide for the equations that test them (``span.CROWDED``).
 """
 
 from __future__ import annotations
@@ -81,6 +85,15 @@ ORTHOGONAL_RATIO = 10.0
 #: batches each): 48 of the 87 once-seen tokens at a loud position that the fit had placed on quiet ones, 46 of them
 #: at their own position first, against 4 tokens pooled that sit at no loud position.
 LOUD_MARGIN = 3.0
+#: With the decoder's share removed, a nearly orthogonal token's (``ORTHOGONAL_MAX``) shares below ``FAR_SHARE`` at
+#: live positions where its row's cosine is over this factor above its smallest are slack. MiniLM SST-2 B=8 batch 1:
+#: the lists held 285 (token, position) pairs of tokens seen once elsewhere (12-24 a quiet position), 30 without the
+#: slack; a once-seen token's own position has the smallest cosine for 94% of them and is within 30x of it for all but
+#: one (median margin to the next position 56x).
+FAR_RATIO = 30.0
+#: A share this large is an occurrence, not slack: a token seen two or three times has one at each place (without
+#: this floor the same batch lost four more true pairs of such tokens, whose rows are orthogonal where one dominates).
+FAR_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -93,10 +106,16 @@ class Pairing:
     #: (positions,) bool, or None: positions the fit left out (an mlm update's [MASK]-holding ones). There each
     #: token's weight is what the fit did not place of it, so any of them may sit there, and none is known to.
     pooled: torch.Tensor | None = None
+    #: (len(tokens), positions), or None: shares the LayerNorm test moved out of ``weights`` as the fit's slack
+    #: (``FAR_RATIO``); a token may still sit there, after the others.
+    slack: torch.Tensor | None = None
 
-    def ranked(self, position: int, floor: float) -> list[tuple[int, float]]:
-        """(token, share) at ``position`` with a share of at least ``floor``, largest first."""
-        column = self.weights[:, position]
+    def ranked(self, position: int, floor: float, *, slack: bool = False) -> list[tuple[int, float]]:
+        """(token, share) at ``position`` with a share of at least ``floor``, largest first; of the slack shares
+        when ``slack``."""
+        if slack and self.slack is None:
+            return []
+        column = (self.slack if slack else self.weights)[:, position]
         order = column.argsort(descending=True).tolist()
         return [(self.tokens[i], float(column[i])) for i in order if column[i] >= floor]
 
@@ -243,6 +262,30 @@ def _sits_loud(
     return at_loud <= ORTHOGONAL_MAX and at_quiet >= LOUD_MARGIN * at_loud
 
 
+def _move_far_shares(
+    weights: torch.Tensor,
+    slack: torch.Tensor,
+    row: torch.Tensor,
+    token: int,
+    live: torch.Tensor,
+    parts: EmbeddingParts,
+    token_type: int,
+) -> None:
+    """Move, in place, a nearly orthogonal token's small shares at the live positions where its row (decoder share
+    removed) is far from orthogonal from ``weights`` to ``slack``: a token seen once sits where its row is most
+    orthogonal, and the quiet fit's small shares elsewhere are its slack. Kept: shares of at least ``FAR_SHARE``,
+    and everything when nothing would be left. A token seen twice whose one occurrence dominates looks the same, so
+    the moved shares are offered after the others, not dropped."""
+    cosine = _cosines(row, token, live, parts, token_type)
+    best = float(cosine.min())
+    if best > ORTHOGONAL_MAX:
+        return
+    far = live[(cosine > FAR_RATIO * best) & (weights[live] < FAR_SHARE)]
+    if bool((weights[live] > 0).sum() > (weights[far] > 0).sum()):
+        slack[far] = weights[far]
+        weights[far] = 0.0
+
+
 def _pair_masked(
     word: torch.Tensor,
     targets: torch.Tensor,
@@ -258,8 +301,9 @@ def _pair_masked(
     """Pairing of a masked-LM update (tied decoder): the fit on the quiet positions, without [MASK], after
     projecting the decoder's share out; each loud position gets [MASK] and every token's unplaced weight, only at its
     nearly orthogonal loud positions when ``parts`` (the embedding tables) are given. With the decoder's bias
-    gradient too, each row's decoder share is fitted (``decoder_share``) and removed before that test, and a token
-    the fit placed on quiet positions but seen once at a loud one is pooled there too."""
+    gradient too, each row's decoder share is fitted (``decoder_share``) and removed before that test, a token
+    the fit placed on quiet positions but seen once at a loud one is pooled there too, and a nearly orthogonal
+    token's small shares far from its orthogonal positions become slack (``_move_far_shares``)."""
     basis = _decoder_basis(word, bag)
     if basis is None:
         return None
@@ -282,24 +326,28 @@ def _pair_masked(
         if bias_gradient is not None:
             inside = sorted({*bag, *labels})
             predicted = decoder_share(word, basis, inside, parts.word, decoder_bias, bias_gradient)
-        live_quiet = quiet[targets[quiet].norm(dim=1) > 0]
+        live = (targets.norm(dim=1) > 0).nonzero().flatten()
+        live_quiet = live[~loud[live]]
+        slack = torch.zeros_like(weights)
         for row, index in enumerate(fitted.tolist()):
             token = bag[index]
             if token in labels:
                 continue
             own = word[token].to(torch.float64) - (0 if predicted is None else predicted(token))
+            weight = None
             if unplaced[row] >= POOLED_FLOOR:
                 weight = float(unplaced[row])
             elif predicted is not None and _sits_loud(own, token, noisy, live_quiet, parts, token_type):
                 weight = 1.0
-            else:
-                continue
-            kept, closeness = _orthogonal_places(own, token, noisy, parts, token_type)
-            weights[index, noisy] = 0.0
-            weights[index, kept] = weight * closeness
+            if weight is not None:
+                kept, closeness = _orthogonal_places(own, token, noisy, parts, token_type)
+                weights[index, noisy] = 0.0
+                weights[index, kept] = weight * closeness
+            if predicted is not None:
+                _move_far_shares(weights[index], slack[index], own, token, live, parts, token_type)
     if mask in bag:
         weights[bag.index(mask), noisy] = 1.0
-    return Pairing(tokens=list(bag), weights=weights, residual=residual, pooled=loud)
+    return Pairing(tokens=list(bag), weights=weights, residual=residual, pooled=loud, slack=slack)
 
 
 def pair_tokens(
