@@ -321,6 +321,7 @@ def _pair_masked(
     weights[fitted[:, None], quiet] = placed
     unplaced = (1 - placed.sum(1)).clamp_min(0)
     weights[fitted[:, None], noisy] = torch.where(unplaced >= POOLED_FLOOR, unplaced, 0.0)[:, None]
+    slack = torch.zeros_like(weights)
     if parts is not None:
         predicted = None
         if bias_gradient is not None:
@@ -328,7 +329,6 @@ def _pair_masked(
             predicted = decoder_share(word, basis, inside, parts.word, decoder_bias, bias_gradient)
         live = (targets.norm(dim=1) > 0).nonzero().flatten()
         live_quiet = live[~loud[live]]
-        slack = torch.zeros_like(weights)
         for row, index in enumerate(fitted.tolist()):
             token = bag[index]
             if token in labels:
