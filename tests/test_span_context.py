@@ -112,6 +112,15 @@ def test_crowding_says_in_advance_which_first_solves_are_refused(mini, monkeypat
     assert loose.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id) is None
     start = solver.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
     assert start is not None and solver.rounded(start) == list(ids)
+    # the wide solver restricted to the tight lists is the tight solver, without building it again
+    narrowed = loose.restricted(tight)
+    assert narrowed.occurrences == solver.occurrences and torch.equal(narrowed.narrow, solver.narrow)
+    assert np.allclose(narrowed.off, solver.off, atol=1e-12) and torch.allclose(narrowed.keys, solver.keys)
+    again = narrowed.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
+    assert again is not None and math.isclose(again.residual, start.residual, rel_tol=1e-9, abs_tol=1e-12)
+    assert narrowed.crowding(len(ids)) == solver.crowding(len(ids))
+    with pytest.raises(ValueError, match="does not"):
+        solver.restricted(wide)
 
 
 def test_an_anchor_that_is_no_candidate_gets_no_proposal(mini):

@@ -384,7 +384,7 @@ class SpanAttack:
                 if solver is not None and tight_count != paired_count and solver.crowding(max(ends)) >= CROWDED:
                     # the pairing's slack is left out, of the first solves and of the search's lists alike
                     paired_count = tight_count
-                    solver = context_solver(model, update, parts, narrow(paired_count), types[0], anywhere)
+                    solver = solver.restricted(narrow(paired_count))
                 if solver is not None:
                     # an mlm pairing's first solves are loose (``defer`` below): peeled after each sentence
                     hidden = parts.word.shape[1]

@@ -139,13 +139,11 @@ class ContextSolver:
         value: torch.nn.Linear,
         heads: int,
     ) -> None:
-        narrow = list(dict.fromkeys((t, p) for p, tokens in enumerate(options) for t in tokens))
-        held = set(narrow)
-        extra = [(t, p) for p in range(1, len(options)) for t in anywhere if (t, p) not in held]
-        self.occurrences = narrow + extra
+        self.occurrences, count = _occurrences(options, anywhere)
+        self.anywhere = list(anywhere)
         self.index = {occurrence: i for i, occurrence in enumerate(self.occurrences)}
         n = len(self.occurrences)
-        self.narrow = torch.arange(n) < len(narrow)
+        self.narrow = torch.arange(n) < count
         self.token = torch.tensor([t for t, _ in self.occurrences], dtype=torch.long)
         self.position = torch.tensor([p for _, p in self.occurrences], dtype=torch.long)
         x = first_layer_inputs(
@@ -162,6 +160,23 @@ class ContextSolver:
         # (heads, r, n): each occurrence's value, per head, mapped off the span (r = the complement's dimension)
         off = torch.einsum("rhd,nhd->hrn", complement.view(-1, heads, size), v.view(n, heads, size))
         self.off = off.contiguous().numpy()
+
+    def restricted(self, options: list[list[int]]) -> ContextSolver:
+        """This solver over narrower lists (each position's tokens among its own, the same ``anywhere``), as a fresh
+        one built on them would be, but without computing the occurrences' keys and values and the output
+        projection's span again: an mlm pairing's slack is left out where the lists are crowded (see ``crowding``)."""
+        occurrences, count = _occurrences(options, self.anywhere)
+        if missing := [o for o in occurrences if o not in self.index]:
+            raise ValueError(f"restricted lists hold occurrences the solver does not: {missing[:5]}")
+        kept = torch.tensor([self.index[o] for o in occurrences], dtype=torch.long)
+        out = object.__new__(ContextSolver)
+        out.occurrences, out.anywhere = occurrences, self.anywhere
+        out.index = {occurrence: i for i, occurrence in enumerate(occurrences)}
+        out.narrow = torch.arange(len(occurrences)) < count
+        out.token, out.position, out.keys = self.token[kept], self.position[kept], self.keys[kept]
+        out._inputs, out._query, out._queries = self._inputs[kept], self._query, {}
+        out.off = np.take(self.off, kept.numpy(), axis=2)
+        return out
 
     def propose(
         self, anchor: tuple[int, int], length: int, first: int, last: int
@@ -438,6 +453,15 @@ def context_solver(
         return None
     complement = vh[rank:]
     return ContextSolver(parts, complement, options, token_type, anywhere, heads=heads, **projections)
+
+
+def _occurrences(options: list[list[int]], anywhere: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """The (token, position) occurrences of the narrow lists (``options``), then those of ``anywhere`` at every
+    position but the first that the lists do not hold; and how many are narrow."""
+    narrow = list(dict.fromkeys((t, p) for p, tokens in enumerate(options) for t in tokens))
+    held = set(narrow)
+    extra = [(t, p) for p in range(1, len(options)) for t in anywhere if (t, p) not in held]
+    return narrow + extra, len(narrow)
 
 
 def _surest(m: torch.Tensor, at: torch.Tensor, length: int, exclude: set[int], count: int) -> list[int]:
