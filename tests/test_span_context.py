@@ -90,28 +90,38 @@ def test_a_once_seen_token_gets_its_own_sentence_proposed(mini):
         assert wrong is not None and wrong[0] > 10 * residual
 
 
-def test_crowding_says_in_advance_which_first_solves_are_refused(mini, monkeypatch):
-    """``crowding`` (free unknowns per equation) says in advance what a first solve finds: lists with far more
-    candidates than one anchor's equations are refused; the batch's own tokens there are solved, to the sentence."""
+def test_crowding_says_in_advance_which_first_solves_are_capped(mini, monkeypatch):
+    """``crowding`` (free unknowns per equation) says in advance which first solves are capped: over lists with far
+    more candidates than one anchor's equations, each position keeps its best-ranked ones, as many as fit, and the
+    solve still lands on the sentence when those hold the truth; tight lists are solved whole."""
     update, truth = simulate_client(mini, SENTENCES, task="classification", seed=0, reveal=())
     tok = mini.tokenizer
     count = Counter(t for ids in truth.input_ids for t in ids)
     bag = sorted(count)
     here = [sorted({ids[p] for ids in truth.input_ids if p < len(ids)}) for p in range(update.metadata.seq_len)]
     tight = [h + [tok.sep_token_id] if p else [tok.cls_token_id] for p, h in enumerate(here)]
-    wide = [sorted(set(h) | set(bag[:40])) if p else h for p, h in enumerate(tight)]
+    wide = [h + [t for t in bag[:40] if t not in h] if p else h for p, h in enumerate(tight)]  # the truth first
     ids = truth.input_ids[0]
     anchor = next((t, p) for p, t in enumerate(ids) if count[t] == 1 and 0 < p < len(ids) - 1)
     parts = embedding_parts(mini.model)
     loose, solver = (context_solver(mini.model, update, parts, lists, 0, []) for lists in (wide, tight))
     assert loose is not None and solver is not None
     equations = solver.off.shape[1]
-    unknowns = [sum(len(lists[p]) for p in range(len(ids))) - len(ids) for lists in (wide, tight)]
-    monkeypatch.setattr(span_context, "UNDERDETERMINED", sum(unknowns) / 2 / equations)  # between the two
+    monkeypatch.setattr(span_context, "UNDERDETERMINED", 2 * solver.crowding(len(ids)))  # room for the truth and more
     assert loose.crowding(len(ids)) > span_context.UNDERDETERMINED > solver.crowding(len(ids))
-    assert loose.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id) is None
+    capped = loose.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
+    assert capped is not None and len(capped.live) - len(ids) <= span_context.UNDERDETERMINED * equations
+    kept = Counter(int(p) for p in loose.position[capped.live])
+    assert max(kept.values()) < max(len(wide[p]) for p in range(len(ids)))  # capped, and evenly
+    frame = {tok.cls_token_id, tok.sep_token_id}
+    for p in range(1, len(ids) - 1):  # each position keeps a prefix of its ranked list (the frame's tokens aside)
+        if p != anchor[1]:
+            ranked = [t for t in wide[p] if t not in frame]
+            assert [loose.occurrences[int(j)][0] for j in capped.live if loose.position[j] == p] == ranked[: kept[p]]
+    assert loose.proposal(capped)[1] == list(ids)  # priced and refined, as the context phase does
     start = solver.first_solve(anchor, len(ids), tok.cls_token_id, tok.sep_token_id)
-    assert start is not None and solver.rounded(start) == list(ids)
+    assert start is not None and torch.equal(start.live, (start.allowed & solver.narrow).nonzero().flatten())
+    assert solver.rounded(start) == list(ids)
     # the wide solver restricted to the tight lists is the tight solver, without building it again
     narrowed = loose.restricted(tight)
     assert narrowed.occurrences == solver.occurrences and torch.equal(narrowed.narrow, solver.narrow)

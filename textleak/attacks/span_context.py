@@ -52,10 +52,13 @@ ROUNDING_SLACK = 1e-9
 EXTRA_ANCHORS = 4
 #: A position whose favourite weighs less than this after the first solve also tries the tokens allowed anywhere.
 SURE = 0.9
-#: A first solve with more than this many times as many free unknowns (candidates less positions) as equations
-#: (the span's complement) is not tried. With non-negative weights a solve up to about 2.7x still lands near the
-#: sentence (MiniLM RT B=8 batch 0, first anchors: 0-2 wrong tokens of 10-29 at 0.65-2.0x, 6-16 of 37-52 at
-#: 2.4-2.7x, where the plain least squares of earlier versions had 5-37 wrong from 1.6x on).
+#: A first solve has at most this many times as many free unknowns (candidates less positions) as equations (the
+#: span's complement): beyond it, each position keeps only its best-ranked candidates, as many as fit, and pricing
+#: may add the others back. With non-negative weights a solve up to about 2.7x still lands near the sentence (MiniLM
+#: RT B=8 batch 0, first anchors: 0-2 wrong tokens of 10-29 at 0.65-2.0x, 6-16 of 37-52 at 2.4-2.7x, where the plain
+#: least squares of earlier versions had 5-37 wrong from 1.6x on). Refusing such solves instead, as earlier versions
+#: did, left a masked-LM batch's long sentences unsolved until shorter ones were peeled (MiniLM mlm SST-2 B=8 batch
+#: 1: first solves at 26 and 29 tokens refused, the first sentence found after 60 s; capped, after 30 s).
 UNDERDETERMINED = 3.0
 #: Candidate lengths beyond the sentence ends that each anchor also tries.
 SPARE_LENGTHS = 2
@@ -183,8 +186,8 @@ class ContextSolver:
     ) -> tuple[float, list[int]] | None:
         """(residual, sentence) of the sentence of ``length`` tokens around ``anchor`` (token, position) that opens
         with token ``first`` and ends with ``last`` ([CLS], [SEP]), or None when the anchor or a position has no
-        candidate or the first solve would be far underdetermined (``UNDERDETERMINED``). The residual is per anchor,
-        of the answer's solve (see ``refine``): near zero when a consistent sentence was found."""
+        candidate. The residual is per anchor, of the answer's solve (see ``refine``): near zero when a consistent
+        sentence was found."""
         start = self.first_solve(anchor, length, first, last)
         return None if start is None else self.proposal(start)
 
@@ -216,14 +219,15 @@ class ContextSolver:
         if len(torch.unique(at)) < length:  # a position without candidates
             return None
         if len(live) - length > UNDERDETERMINED * self.off.shape[1]:  # far more unknowns than one anchor's equations
-            return None
+            live = _capped(live, at, length, int(UNDERDETERMINED * self.off.shape[1]) + length, self.index[anchor])
+            at = self.position[live]
         start = torch.zeros(len(live), dtype=torch.float64)  # projected onto the simplices: equal weights
         m, residual = self._solve([self.index[anchor]], live, at, length, start, steps)
         return FirstSolve(anchor[1], length, allowed, live, m, residual, self.index[anchor])
 
     def crowding(self, length: int) -> float:
         """Free unknowns per equation of a first solve at ``length`` over the narrow lists (ignoring the anchor's
-        and the frame's own positions): above ``UNDERDETERMINED`` the solve is refused."""
+        and the frame's own positions): above ``UNDERDETERMINED`` the solve keeps each position's best-ranked."""
         unknowns = int((self.narrow & (self.position < length)).sum()) - length
         return unknowns / self.off.shape[1]
 
@@ -462,6 +466,18 @@ def _occurrences(options: list[list[int]], anywhere: list[int]) -> tuple[list[tu
     held = set(narrow)
     extra = [(t, p) for p in range(1, len(options)) for t in anywhere if (t, p) not in held]
     return narrow + extra, len(narrow)
+
+
+def _capped(live: torch.Tensor, at: torch.Tensor, length: int, most: int, anchor: int) -> torch.Tensor:
+    """The first k occurrences of ``live`` at each position (the best ranked: the narrow lists keep their order), k
+    the largest that keeps at most ``most`` in all, and the anchor."""
+    rank = torch.zeros(len(live), dtype=torch.long)
+    seen = torch.zeros(length, dtype=torch.long)
+    for j, p in enumerate(at.tolist()):
+        rank[j] = seen[p]
+        seen[p] += 1
+    k = max((k for k in range(1, int(seen.max()) + 1) if int(seen.clamp_max(k).sum()) <= most), default=1)
+    return live[(rank < k) | (live == anchor)]
 
 
 def _surest(m: torch.Tensor, at: torch.Tensor, length: int, exclude: set[int], count: int) -> list[int]:
