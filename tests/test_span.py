@@ -12,7 +12,7 @@ import torch
 
 from textleak.attacks import span_pairing
 from textleak.attacks.decoder_share import decoder_share
-from textleak.attacks.span import UNIQUE_SHARE, SpanAttack, _agrees, _decoder_bias, _masked_ends, auto_threshold
+from textleak.attacks.span import UNIQUE_SHARE, SpanAttack, _agrees, _decoder_bias, auto_threshold
 from textleak.attacks.span_assembly import Found, attention_accept
 from textleak.attacks.span_attention import attention_test
 from textleak.attacks.span_pairing import _orthogonal_places, pair_tokens
@@ -237,34 +237,6 @@ def test_masked_lm_pairing_projects_the_decoder_out_and_leaves_the_mask_position
     labelled = {p for row in truth.labels for p, label in enumerate(row) if label != -100}
     loud = {p for p, share in enumerate(pairing.weights[bag.index(mask)].tolist()) if share > 0}
     assert masked <= loud <= labelled
-
-
-def test_masked_lm_ends_put_quiet_positions_holding_a_share_of_sep_first():
-    """On an mlm update, quiet positions holding a clear share of [SEP]'s gradient are sentence ends and are tried
-    first, ahead of layer 1's ranking (here given with the true ends last)."""
-    target = load_model("default", head="mlm", seed=0)
-    tok = target.tokenizer
-    sentences = [
-        "the old harbour town woke slowly as fishing boats drifted back through the grey morning fog",
-        "she read the letter twice before folding it into her coat pocket and walking out the door",
-        "a quiet film about grief that never once asks the audience to cry, and is better for it",
-        "heavy rain flooded the lower streets overnight, so the market opened late on monday morning",
-    ]
-    update, truth = simulate_client(target, sentences, task="mlm", seed=0, reveal=())
-    bag = sorted({t for ids in truth.input_ids for t in ids})
-    parts = embedding_parts(target.model)
-    pairing = pair_tokens(
-        update, bag, update.metadata.seq_len, offset=parts.position_offset, mask=tok.mask_token_id, parts=parts,
-        token_type=0, decoder_bias=_decoder_bias(target.model),
-    )
-    assert pairing is not None and pairing.pooled is not None
-    ends = {len(ids) for ids in truth.input_ids}
-    ranked = sorted(range(2, update.metadata.seq_len + 1), key=lambda n: (n in ends, n))  # the true ends last
-    tried = _masked_ends(ranked, pairing, tok.sep_token_id, 4)
-    sure = [n for n in tried if n in ends]
-    assert len(sure) >= 2  # the shares brought them forward from the end of the ranking
-    assert tried == sure + [n for n in ranked if n not in sure][: 4 - len(sure)]
-    assert _masked_ends(ranked, pairing, tok.cls_token_id + 10**6, 4) == ranked[:4]  # no [SEP] row: layer 1's
 
 
 def test_a_once_seen_tokens_word_gradient_is_orthogonal_to_its_centred_input_only_at_its_own_position(models):

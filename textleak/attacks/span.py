@@ -57,10 +57,6 @@ UNIQUE_SHARE = 0.9
 #: gradient, the batch size largest ([SEP] passes the layer-1 check at every position, so those positions alone
 #: would try every length).
 ANCHOR_SEP_SHARE = 0.01
-#: On an mlm update, a quiet (no [MASK]) position holding at least this pairing share of [SEP]'s gradient is a sentence
-#: end. MiniLM mlm SST-2 B=8 batches 1, 3, 4 and RT B=8 batches 0, 1: the 7 quiet positions at 0.06-0.33 were all
-#: ends; the other quiet positions held at most 0.037, and so did 14 of the 21 quiet ends (under 0.02).
-QUIET_SEP_SHARE = 0.05
 #: Share of ``time_limit`` the anchor growth may spend, times the share of those lengths a head can read: seeds in
 #: sentences too long for a head try every shorter length in vain, and on long-sentence data (RT) that time is the
 #: second-layer search's.
@@ -339,8 +335,8 @@ class SpanAttack:
             shares = {p + 1: w for p in range(len(passing)) for t, w in pairing.ranked(p, ANCHOR_SEP_SHARE) if t == sep}
             top = sorted(shares, key=shares.__getitem__, reverse=True)[: meta.batch_size]
             ends = [n for n in lengths if n in top] or lengths
-        elif pairing is not None:
-            ends = _masked_ends(lengths, pairing, sep, meta.batch_size)
+        elif pairing is not None:  # an mlm pairing cannot place [SEP] where a [MASK] sits: layer 1's B best ends
+            ends = lengths[: meta.batch_size]
 
         def widths(length: int, accepted: list[Found]) -> list[int]:
             """How many of each position's candidates the search tries first: the sentences that hold a word there
@@ -698,22 +694,6 @@ def _token_types(update: Update) -> list[int]:
             present = grad.abs().sum(-1).nonzero().flatten().tolist()
             return present or [0]
     return [0]
-
-
-def _masked_ends(lengths: list[int], pairing: Pairing, sep: int, batch_size: int) -> list[int]:
-    """The ``batch_size`` sentence lengths tried first around anchors on an mlm update: those whose [SEP] position is
-    quiet and holds a clear pairing share of [SEP]'s gradient (``QUIET_SEP_SHARE``, largest first), then layer 1's
-    best. The pairing cannot place [SEP] where a [MASK] sits (the loud positions pool every token's unplaced
-    weight), and a quiet end often gets no share ([SEP]'s one row sums all its occurrences), so the shares alone
-    miss ends; but layer 1's own ranking is no better than chance at B=8, where [SEP] passes at every position to
-    the float floor (MiniLM mlm SST-2 B=8 batch 4: 1.5e-7 to 6e-7 at all 40 positions, true ends ranked 1, 2, 10,
-    15, 21, 22, 24)."""
-    if sep not in pairing.tokens or pairing.pooled is None:
-        return lengths[:batch_size]
-    row = pairing.weights[pairing.tokens.index(sep)]
-    shares = {n: float(row[n - 1]) for n in lengths if n - 1 < len(row) and not bool(pairing.pooled[n - 1])}
-    sure = sorted((n for n, w in shares.items() if w >= QUIET_SEP_SHARE), key=shares.__getitem__, reverse=True)
-    return (sure + [n for n in lengths if n not in sure])[:batch_size]
 
 
 def _lengths(passing: list[list[int]], res: torch.Tensor, ids: torch.Tensor, sep: int) -> list[int]:
