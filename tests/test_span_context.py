@@ -19,7 +19,6 @@ from textleak.attacks.span_context import (
     REFINED_WORSE,
     SPARE_LENGTHS,
     Simplices,
-    _far,
     _rounded,
     assemble_by_context,
     context_solver,
@@ -35,14 +34,6 @@ SENTENCES = [
     "a very good movie indeed, with a fine cast",
     "dogs bark at night when the moon is full",
     "rain fell all week on the quiet little town",
-]
-
-#: Sentences long enough (16 tokens or more) for the wrong-end test.
-LONG_SENTENCES = [
-    "the old harbour town woke slowly as fishing boats drifted back through the grey morning fog",
-    "she read the letter twice before folding it into her coat pocket and walking out the door",
-    "a quiet film about grief that never once asks the audience to cry, and is better for it",
-    "heavy rain flooded the lower streets overnight, so the market opened late on monday morning",
 ]
 
 
@@ -140,29 +131,6 @@ def test_crowding_says_in_advance_which_first_solves_are_capped(mini, monkeypatc
     assert narrowed.crowding(len(ids)) == solver.crowding(len(ids))
     with pytest.raises(ValueError, match="does not"):
         solver.restricted(wide)
-
-
-@pytest.mark.parametrize("task", ["classification", "mlm"])
-def test_a_proposal_that_ends_where_no_sentence_does_is_not_searched(task):
-    """A wrong end lifts the [SEP] row's second-layer residual far above the others'; exchanged tokens lift every row
-    alike, and stay worth searching, as does the true sentence."""
-    target = load_model("default", head=task, seed=0)
-    update, truth = simulate_client(target, LONG_SENTENCES, task=task, seed=0, reveal=())
-    search = _second_layer_search(target, update)
-    assert min(map(len, truth.input_ids)) >= span_context.WRONG_END_TOKENS
-    checked = 0
-    for ids in map(list, truth.input_ids):
-        rows = search.rows(torch.tensor([ids]))[0]
-        if float(rows.max()) > search.accept:  # an mlm sentence with nothing masked sends no rows of its own
-            continue
-        checked += 1
-        early, late = ids[:-2] + ids[-1:], ids[:-1] + ids[-2:]
-        exchanged = ids[:2] + [ids[3], ids[2]] + ids[4:]
-        assert not _far(rows, far=0.5, accept=search.accept)
-        for wrong in (early, late):
-            assert _far(search.rows(torch.tensor([wrong]))[0], far=0.5, accept=search.accept)
-        assert not _far(search.rows(torch.tensor([exchanged]))[0], far=0.5, accept=search.accept)
-    assert checked >= 3
 
 
 def test_an_anchor_that_is_no_candidate_gets_no_proposal(mini):

@@ -86,14 +86,6 @@ CLEAR_START = 0.1
 #: length sat at 0.077-0.13, and each of their 8-24 s descents ended 6-32 tokens off. One random wrong token lifts
 #: the median of a short sentence more: up to 0.09-0.11 at 11-13 tokens (CoLA, SST-2), 0.018-0.044 at 23-40.
 PROPOSAL_FAR, PROPOSAL_FAR_TOKENS = 0.05, 1.5
-#: A refined proposal whose last ([SEP]) row's residual is over this many times its median ends where no sentence
-#: does, and is not searched. A wrong end lifts that row the most, wrong tokens elsewhere lift every row alike:
-#: MiniLM, four sentences with [SEP] one place early or late, 2.6-9.7x (classification and mlm), two middle tokens
-#: exchanged 0.6-1.0x; MiniLM mlm SST-2 B=8 batches 1 and 3, proposals searched to their sentence 0.4-1.1x, at
-#: lengths no sentence has 0.7-5.4x (7 of 11 over 2), their searches 2-8 s each. Proposals shorter than
-#: ``WRONG_END_TOKENS`` are searched anyway: a wrong token near their end lifts the last row as much (MiniLM mlm RT
-#: B=8 batches 0 and 1: three 11-token proposals 2-3 tokens off at 2.0-15.6x), and their search takes under a second.
-WRONG_END, WRONG_END_TOKENS = 2.0, 16
 #: Rounds of pricing (``ContextSolver.price``) and the occurrences each round adds at most. MiniLM RT B=8 batch 9,
 #: the rest of six sentences after two peels, first solves at the true length: 17 of the 55 anchors exact after
 #: 5 rounds of 15, 8 before; those of the 17-token sentence from 3-7 tokens off (residual 0.25-0.63) to exact
@@ -488,15 +480,6 @@ def _capped(live: torch.Tensor, at: torch.Tensor, length: int, most: int, anchor
     return live[(rank < k) | (live == anchor)]
 
 
-def _far(rows: torch.Tensor, far: float, accept: float) -> bool:
-    """Whether a proposal with these second-layer row residuals is not worth searching: its median is over ``far``
-    (it mixes sentences), or its last row stands out (``WRONG_END``: the sentence ends elsewhere), beyond what the
-    search would accept anyway."""
-    median = float(rows.median())
-    wrong_end = len(rows) >= WRONG_END_TOKENS and float(rows[-1]) > max(WRONG_END * median, accept)
-    return median > far or wrong_end
-
-
 def _surest(m: torch.Tensor, at: torch.Tensor, length: int, exclude: set[int], count: int) -> list[int]:
     """Indices (into the live occurrences) of the ``count`` positions' favourites with the largest weight."""
     favourites = Simplices(at.numpy(), length).favourites(m.numpy())
@@ -596,14 +579,13 @@ def assemble_by_context(
         return None
 
     def search_from(length: int, sentence: list[int], clear: bool = False) -> Found | None:
-        """The second layer's search from a refined proposal, or None when it is far from a sentence or ends
-        where none does (``_far``), or is not accepted. A ``clear`` proposal is searched as long as the search has
-        time, past the phase's budget: it takes a second or less, and the next phases would look for the sentence
-        far longer."""
+        """The second layer's search from a refined proposal, or None when it is far from a sentence or not
+        accepted. A ``clear`` proposal is searched as long as the search has time, past the phase's budget: it
+        takes a second or less, and the next phases would look for the sentence far longer."""
         if search.expired if clear else over():
             return None
         far = max(PROPOSAL_FAR, PROPOSAL_FAR_TOKENS / length)
-        if _far(search.rows(torch.tensor([sentence]))[0], far, search.accept):
+        if float(search.rows(torch.tensor([sentence]))[0].median()) > far:
             return None
         narrow = options_for(length, accepted)
         options = [list(dict.fromkeys([t, *tokens])) for t, tokens in zip(sentence, narrow, strict=True)]
